@@ -1,0 +1,37 @@
+"""Logging set-up for the daemons: one line per event, ids as key=value fields, no secrets."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+_SECRET_PATTERNS = (
+    re.compile(r"(://[^:/@\s]*:)[^@\s]*(@)"),
+    re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE),
+)
+
+
+class RedactSecrets(logging.Filter):
+    """Replace passwords in URLs and conninfo strings by `***` before a record is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for pattern in _SECRET_PATTERNS:
+            message = pattern.sub(lambda match: match.group(1) + "***" + (match.group(2) if match.lastindex == 2 and match.group(2) == "@" else ""), message)
+        record.msg, record.args = message, None
+        return True
+
+
+def fields(**values: object) -> str:
+    """Format ids as `key=value` pairs for a log line."""
+    return " ".join(f"{key}={value}" for key, value in values.items() if value is not None)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(RedactSecrets())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
