@@ -1,0 +1,1 @@
+"""PostgreSQL adapters: connections, catalog look-ups, replication and snapshots."""
