@@ -1,0 +1,1 @@
+"""NATS JetStream adapters: connection, stream set-up, publishing and consuming."""
