@@ -1,0 +1,347 @@
+"""Decoding of wal2json format-version 2 rows into `Begin`, `Change`, `Commit`, `LogicalMessage`.
+
+The publisher requests the options `include-xids`, `include-lsn`, `include-timestamp`,
+`include-transaction`, `include-pk` and `include-types`. Facts about wal2json 2.5 on
+PostgreSQL 15 that this module relies on:
+
+- a transaction arrives only after it committed, as one `B` row, one row per change (`I`, `U`,
+  `D`, `T` one per truncated table, `M` for a transactional logical message) and one `C` row;
+- the `B` and `C` rows carry the commit record's `lsn` and its end `nextlsn`. A change row's own
+  `lsn` is not ordered across transactions, so a change's position is (commit LSN, index of the
+  change inside the transaction);
+- a non-transactional logical message arrives on its own, outside any `B`/`C` pair, with a null
+  xid;
+- `pk` lists the primary-key columns (empty when the table has none); an UPDATE or DELETE
+  carries `identity` with the old key columns, or every old column under REPLICA IDENTITY FULL;
+- an UPDATE leaves out a TOASTed column it did not change, and numeric/float NaN and Infinity
+  arrive as `null`, like SQL NULL. The publisher completes such columns before it publishes:
+  `columns_to_fill` names them and `fill_columns` applies the old tuple or a re-read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ssmd.core.changes import Begin, Change, Commit, LogicalMessage, Op, Record, Row
+from ssmd.core.encoding import is_float_like, value_from_change, value_from_text
+from ssmd.core.errors import DecodeError
+from ssmd.core.jsontext import JsonNumber, dumps, loads
+from ssmd.core.lsn import Lsn
+from ssmd.core.position import Position
+from ssmd.core.tables import TableInfo
+
+# Options for START_REPLICATION or pg_logical_slot_get_changes; add-tables is added per deployment.
+WAL2JSON_OPTIONS: dict[str, str] = {
+    "format-version": "2",
+    "include-xids": "1",
+    "include-lsn": "1",
+    "include-timestamp": "1",
+    "include-transaction": "1",
+    "include-pk": "1",
+    "include-types": "1",
+}
+
+_ACTIONS = {"I": Op.INSERT, "U": Op.UPDATE, "D": Op.DELETE, "T": Op.TRUNCATE}
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedChange:
+    """A decoded change with what the publisher needs to complete its row.
+
+    `old_row` is the canonical old tuple from `identity` (every column under REPLICA IDENTITY
+    FULL, only the key otherwise); `types` maps each column wal2json sent to its type name.
+    """
+
+    change: Change
+    old_row: Row | None
+    types: dict[str, str]
+
+
+class Wal2JsonDecoder:
+    """Stateful decoder of one wal2json v2 stream; pure, fed one row of bytes at a time.
+
+    `tables` maps (schema, table) to its `TableInfo`; when given for a table, the decoder reports
+    TOAST-omitted columns in `Change.unchanged` and uses its key columns when a row has no `pk`.
+    With `only_known_tables`, changes of other tables are decoded to None (they still count in the
+    transaction's index, so positions do not depend on the filter).
+    """
+
+    def __init__(self, tables: Iterable[TableInfo] = (), *, only_known_tables: bool = False) -> None:
+        self._tables = {(table.schema, table.name): table for table in tables}
+        self._only_known = only_known_tables
+        self._begin: Begin | None = None
+        self._next_index = 0
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between a `B` row and its `C` row."""
+        return self._begin is not None
+
+    def decode(self, data: bytes | str) -> Record | None:
+        """Decode one row; None for a change of a table outside the filter."""
+        decoded = self.decode_row(data)
+        if isinstance(decoded, DecodedChange):
+            return decoded.change
+        return decoded
+
+    def decode_row(self, data: bytes | str) -> Begin | Commit | LogicalMessage | DecodedChange | None:
+        """Decode one row, keeping the old tuple and column types of a change."""
+        message = _parse_json(data)
+        action = message.get("action")
+        if action == "B":
+            return self._on_begin(message)
+        if action == "C":
+            return self._on_commit(message)
+        if action == "M":
+            return self._on_message(message)
+        if action in _ACTIONS:
+            return self._on_change(message, _ACTIONS[action])
+        raise DecodeError(f"unknown wal2json action {action!r}", lsn=_text(message.get("lsn")), table=_table_name(message))
+
+    def _on_begin(self, message: dict[str, Any]) -> Begin:
+        if self._begin is not None:
+            raise DecodeError(
+                f"B row while transaction {self._begin.xid} at {self._begin.commit_lsn} is still open", lsn=_text(message.get("lsn"))
+            )
+        begin = Begin(
+            xid=_required_int(message, "xid"),
+            commit_lsn=_required_lsn(message, "lsn"),
+            next_lsn=_required_lsn(message, "nextlsn"),
+            commit_time=_optional_text(message, "timestamp"),
+        )
+        self._begin = begin
+        self._next_index = 0
+        return begin
+
+    def _on_commit(self, message: dict[str, Any]) -> Commit:
+        commit = Commit(
+            xid=_required_int(message, "xid"),
+            commit_lsn=_required_lsn(message, "lsn"),
+            next_lsn=_required_lsn(message, "nextlsn"),
+            commit_time=_optional_text(message, "timestamp"),
+        )
+        begin = self._begin
+        if begin is None:
+            raise DecodeError(f"C row of transaction {commit.xid} without a B row", lsn=str(commit.commit_lsn))
+        if (begin.xid, begin.commit_lsn) != (commit.xid, commit.commit_lsn):
+            raise DecodeError(
+                f"C row of transaction {commit.xid} does not match the open transaction {begin.xid} at {begin.commit_lsn}",
+                lsn=str(commit.commit_lsn),
+            )
+        self._begin = None
+        return commit
+
+    def _on_message(self, message: dict[str, Any]) -> LogicalMessage:
+        transactional = message.get("transactional")
+        if not isinstance(transactional, bool):
+            raise DecodeError("M row without a boolean 'transactional'", lsn=_text(message.get("lsn")))
+        xid = message.get("xid")
+        return LogicalMessage(
+            prefix=_required_text(message, "prefix"),
+            content=_required_text(message, "content"),
+            transactional=transactional,
+            lsn=_required_lsn(message, "lsn"),
+            xid=None if xid is None else _required_int(message, "xid"),
+        )
+
+    def _on_change(self, message: dict[str, Any], op: Op) -> DecodedChange | None:
+        lsn_text = _text(message.get("lsn"))
+        table_name = _table_name(message)
+        begin = self._begin
+        if begin is None:
+            raise DecodeError(f"{op.value} row outside a transaction", lsn=lsn_text, table=table_name)
+        index = self._next_index
+        self._next_index += 1
+
+        schema = _required_text(message, "schema")
+        table = _required_text(message, "table")
+        info = self._tables.get((schema, table))
+        if info is None and self._only_known:
+            return None
+        try:
+            return _decode_change(message, op, Position(begin.commit_lsn, index), begin, info)
+        except DecodeError as exc:
+            if exc.lsn is None:
+                raise DecodeError(str(exc), lsn=lsn_text, table=table_name) from None
+            raise
+
+
+def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: Begin, info: TableInfo | None) -> DecodedChange:
+    schema = message["schema"]
+    table = message["table"]
+    change_lsn = _required_lsn(message, "lsn") if "lsn" in message else None
+    common = dict(op=op, schema=schema, table=table, position=position, xid=begin.xid, commit_time=begin.commit_time, change_lsn=change_lsn)
+    if op is Op.TRUNCATE:
+        return DecodedChange(Change(**common), None, {})
+
+    types: dict[str, str] = {}
+    new_row = _canonical_columns(message.get("columns"), "columns", types) if op is not Op.DELETE else None
+    old_row = _canonical_columns(message.get("identity"), "identity", types) if "identity" in message else None
+    key_columns = _key_columns(message, info, old_row)
+
+    if op is Op.DELETE:
+        if old_row is None:
+            raise DecodeError("delete row without 'identity'")
+        key = _pick(old_row, key_columns, "identity")
+        return DecodedChange(Change(**common, key=key), old_row, types)
+
+    assert new_row is not None
+    key = _pick(new_row, key_columns, "columns")
+    old_key = None
+    if old_row is not None and op is Op.UPDATE:
+        previous = _pick(old_row, key_columns, "identity")
+        if _row_bytes(previous) != _row_bytes(key):
+            old_key = previous
+    unchanged: tuple[str, ...] = ()
+    if info is not None and op is Op.UPDATE:
+        unchanged = tuple(column.name for column in info.columns if column.name not in new_row)
+        for column in info.columns:
+            types.setdefault(column.name, column.type_name)
+    change = Change(**common, key=key, old_key=old_key, data=new_row, unchanged=unchanged)
+    return DecodedChange(change, old_row, types)
+
+
+def _canonical_columns(columns: Any, field: str, types: dict[str, str]) -> Row:
+    if not isinstance(columns, list):
+        raise DecodeError(f"missing or invalid {field!r}: expected a list of columns")
+    row: Row = {}
+    for column in columns:
+        if not isinstance(column, dict) or not isinstance(column.get("name"), str) or not isinstance(column.get("type"), str):
+            raise DecodeError(f"invalid entry in {field!r}: expected name, type and value, got {str(column)[:200]}")
+        if "value" not in column:
+            raise DecodeError(f"column {column['name']!r} in {field!r} has no value")
+        name = column["name"]
+        types[name] = column["type"]
+        try:
+            row[name] = value_from_change(column["type"], column["value"])
+        except DecodeError as exc:
+            raise DecodeError(f"column {name!r} ({column['type']}): {exc}") from None
+    return row
+
+
+def _key_columns(message: dict[str, Any], info: TableInfo | None, old_row: Row | None) -> tuple[str, ...]:
+    pk = message.get("pk")
+    if isinstance(pk, list) and pk:
+        names = tuple(entry.get("name") for entry in pk if isinstance(entry, dict))
+        if len(names) != len(pk) or not all(isinstance(name, str) for name in names):
+            raise DecodeError(f"invalid 'pk': {str(pk)[:200]}")
+        return names
+    if info is not None and info.key_columns:
+        return info.key_columns
+    if old_row is not None and old_row:
+        # No primary key but a replica identity index: identity holds exactly its columns.
+        return tuple(old_row)
+    raise DecodeError("row has no primary key, no known key columns and no identity: add a primary key to the table")
+
+
+def _pick(row: Row, columns: tuple[str, ...], field: str) -> Row:
+    missing = [name for name in columns if name not in row]
+    if missing:
+        raise DecodeError(f"key column(s) {', '.join(missing)} missing from {field!r}")
+    return {name: row[name] for name in columns}
+
+
+def _row_bytes(row: Row) -> bytes:
+    return dumps(row)
+
+
+# --- completing rows: TOAST-omitted columns and NaN rendered as null --------------------------
+
+
+def columns_to_fill(decoded: DecodedChange) -> tuple[str, ...]:
+    """Return the columns of an insert or update whose value the publisher must still find.
+
+    These are the TOAST-omitted columns (`Change.unchanged`) and every numeric or float column
+    whose value is null, since wal2json 2.5 renders NaN and Infinity as null.
+    """
+    change = decoded.change
+    if change.data is None:
+        return ()
+    nulls = tuple(
+        name for name, value in change.data.items() if value is None and is_float_like(decoded.types.get(name, ""))
+    )
+    return change.unchanged + nulls
+
+
+def fill_columns(decoded: DecodedChange, reread: Mapping[str, str | None] | None) -> Change:
+    """Return the change with its `columns_to_fill` completed.
+
+    A TOAST-omitted column takes its value from the old tuple when `identity` has it (REPLICA
+    IDENTITY FULL), except a null numeric there, which is as ambiguous as in the new tuple.
+    Any other column takes the re-read text output in `reread` (the row's current values by key,
+    None when the row no longer exists). A column neither source can fill stays in `unchanged`
+    and out of `data`, so the cache keeps its cached value.
+    """
+    change = decoded.change
+    wanted = columns_to_fill(decoded)
+    if not wanted or change.data is None:
+        return change
+
+    data = dict(change.data)
+    unfilled = []
+    for name in wanted:
+        type_name = decoded.types.get(name, "")
+        if name in change.unchanged and decoded.old_row is not None and name in decoded.old_row:
+            old_value = decoded.old_row[name]
+            if old_value is not None or not is_float_like(type_name):
+                data[name] = old_value
+                continue
+        if reread is not None and name in reread:
+            data[name] = value_from_text(type_name, reread[name])
+            continue
+        data.pop(name, None)
+        unfilled.append(name)
+    return replace(change, data=data, unchanged=tuple(unfilled))
+
+
+# --- field helpers ---------------------------------------------------------------------------
+
+
+def _parse_json(data: bytes | str) -> dict[str, Any]:
+    try:
+        message = loads(data)
+    except ValueError as exc:
+        raise DecodeError(f"invalid wal2json JSON: {exc}; row starts {bytes(data[:120]) if isinstance(data, bytes) else data[:120]!r}") from None
+    if not isinstance(message, dict):
+        raise DecodeError(f"invalid wal2json row: expected a JSON object, got {type(message).__name__}")
+    return message
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _table_name(message: dict[str, Any]) -> str | None:
+    schema, table = message.get("schema"), message.get("table")
+    if isinstance(table, str):
+        return f"{schema}.{table}" if isinstance(schema, str) else table
+    return None
+
+
+def _required_text(message: dict[str, Any], field: str) -> str:
+    value = message.get(field)
+    if not isinstance(value, str) or isinstance(value, JsonNumber):
+        raise DecodeError(f"missing or invalid {field!r} in {message.get('action')} row", lsn=_text(message.get("lsn")))
+    return value
+
+
+def _optional_text(message: dict[str, Any], field: str) -> str | None:
+    value = message.get(field)
+    return value if isinstance(value, str) and not isinstance(value, JsonNumber) else None
+
+
+def _required_int(message: dict[str, Any], field: str) -> int:
+    value = message.get(field)
+    if not isinstance(value, JsonNumber) or not value.isdigit():
+        raise DecodeError(f"missing or invalid {field!r} in {message.get('action')} row: {value!r}", lsn=_text(message.get("lsn")))
+    return int(value)
+
+
+def _required_lsn(message: dict[str, Any], field: str) -> Lsn:
+    text = _required_text(message, field)
+    try:
+        return Lsn.parse(text)
+    except DecodeError as exc:
+        raise DecodeError(f"invalid {field!r} in {message.get('action')} row: {exc}", lsn=text) from None
