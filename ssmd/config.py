@@ -50,8 +50,8 @@ def add_settings(parser: argparse.ArgumentParser, *settings: Setting) -> None:
     """Add one flag per setting, defaulting to the environment and then to the built-in default."""
     for setting in settings:
         default = os.environ.get(setting.env, setting.default)
-        shown = "required" if setting.default is None else f"default {setting.default!r}"
-        parser.add_argument(setting.flag, dest=setting.dest, default=default, help=f"{setting.help} (env {setting.env}; {shown})")
+        default_text = "required" if setting.default is None else f"default {setting.default!r}"
+        parser.add_argument(setting.flag, dest=setting.dest, default=default, help=f"{setting.help} (env {setting.env}; {default_text})")
 
 
 def require(value: str | None, setting: Setting) -> str:

@@ -7,8 +7,8 @@ import re
 import sys
 
 _SECRET_PATTERNS = (
-    re.compile(r"(://[^:/@\s]*:)[^@\s]*(@)"),
-    re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE),
+    (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
+    (re.compile(r"(password\s*=\s*)('[^']*'|[^\s&]+)", re.IGNORECASE), r"\1***"),
 )
 
 
@@ -17,8 +17,8 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        for pattern in _SECRET_PATTERNS:
-            message = pattern.sub(lambda match: match.group(1) + "***" + (match.group(2) if match.lastindex == 2 and match.group(2) == "@" else ""), message)
+        for pattern, replacement in _SECRET_PATTERNS:
+            message = pattern.sub(replacement, message)
         record.msg, record.args = message, None
         return True
 
