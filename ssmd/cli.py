@@ -51,7 +51,10 @@ _argv: list[str] = []
 
 
 def _chosen_commands() -> set[str]:
-    return {word for word in _argv if not word.startswith("-")}
+    # The top-level parser has no options of its own, so the first word is the subcommand;
+    # only that module is imported, which keeps `ssmd sim` free of driver imports.
+    words = [word for word in _argv if not word.startswith("-")]
+    return set(words[:1])
 
 
 def _load(module_name: str):
