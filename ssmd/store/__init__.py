@@ -1,0 +1,1 @@
+"""Redis adapter: connections, the versioned Lua scripts and the cache's meta hash."""

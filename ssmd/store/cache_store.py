@@ -1,0 +1,144 @@
+"""Redis connections and the cache's key-level operations: meta hash, SCAN, sweep.
+
+Nothing here uses KEYS, FLUSHALL or FLUSHDB, so the cache runs under an ACL user without
+them; namespaces are walked with SCAN MATCH until the cursor returns to 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+from ssmd.config import redact_url
+from ssmd.core.errors import ConfigError, DependencyError
+from ssmd.core.keys import KeySpace
+from ssmd.core.lsn import Lsn
+from ssmd.core.position import Position
+from ssmd.store.scripts import Script, ScriptCall, ScriptRunner
+
+log = logging.getLogger(__name__)
+
+SCAN_COUNT = 1000
+SWEEP_BATCH = 1000
+
+
+def connect_redis(url: str, *, name: str = "ssmd") -> Redis:
+    """Return an asyncio client for `url` (redis://, rediss://, with user:password if any).
+
+    RESP2 and no library name: redis-py 8 otherwise sends `CLIENT SETINFO` and
+    `CLIENT MAINT_NOTIFICATIONS` on every new connection, which Redis 7.0 rejects with errors
+    that redis-py ignores but the server logs and counts.
+    """
+    try:
+        return Redis.from_url(
+            url, protocol=2, lib_name=None, lib_version=None, client_name=name,
+            health_check_interval=30, socket_keepalive=True,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid REDIS_URL {redact_url(url)!r}: {exc}") from None
+
+
+async def ping(client: Redis, url: str) -> None:
+    """Check the connection and credentials, raising an error that names the server."""
+    try:
+        await client.ping()
+    except AuthenticationError as exc:
+        raise ConfigError(f"Redis at {redact_url(url)} rejected the credentials: check the user and password in REDIS_URL") from exc
+    except (RedisError, OSError) as exc:
+        raise DependencyError(f"cannot connect to Redis at {redact_url(url)}: {exc}") from exc
+
+
+class CacheStore:
+    """The cache's Redis operations under one key space."""
+
+    def __init__(self, client: Redis, keyspace: KeySpace) -> None:
+        self.client = client
+        self.keyspace = keyspace
+        self.scripts = ScriptRunner(client)
+        self.meta_key = f"{keyspace.prefix}:meta"
+
+    # --- meta hash ---------------------------------------------------------------------
+
+    async def read_meta(self) -> dict[str, str]:
+        """Return the meta hash (empty when Redis has none, e.g. after it lost its data)."""
+        raw = await self._call(self.client.hgetall(self.meta_key), "HGETALL meta")
+        return {key.decode(): value.decode() for key, value in raw.items()}
+
+    async def write_meta(self, fields: Mapping[str, str | int | float]) -> None:
+        await self._call(self.client.hset(self.meta_key, mapping={key: str(value) for key, value in fields.items()}), "HSET meta")
+
+    async def delete_meta_fields(self, *names: str) -> None:
+        if names:
+            await self._call(self.client.hdel(self.meta_key, *names), "HDEL meta")
+
+    async def raise_meta_lsn(self, field_name: str, lsn_value: int, lsn_text: str) -> None:
+        """Set a meta LSN field unless it already holds a higher LSN (one consumer writes it)."""
+        current = await self._call(self.client.hget(self.meta_key, field_name), "HGET meta")
+        if current is not None and Lsn.parse(current.decode()).value >= lsn_value:
+            return
+        await self.write_meta({field_name: lsn_text})
+
+    # --- namespaces ----------------------------------------------------------------------
+
+    async def scan(self, pattern: str) -> AsyncIterator[bytes]:
+        """Yield every key matching `pattern` by SCAN (a key may be yielded twice)."""
+        cursor = 0
+        while True:
+            cursor, keys = await self._call(self.client.scan(cursor, match=pattern, count=SCAN_COUNT), "SCAN")
+            for key in keys:
+                yield key
+            if cursor == 0:
+                return
+
+    async def sweep(self, namespace: str, threshold: Position) -> int:
+        """Remove every entry of `namespace` older than `threshold`, tombstones included."""
+        packed = threshold.pack()
+        pending: list[ScriptCall] = []
+        removed = 0
+        value_prefix = f"{self.keyspace.prefix}:{namespace}:"
+        for pattern in (self.keyspace.namespace_pattern(namespace), "{" + value_prefix + "*}:v"):
+            async for raw in self.scan(pattern):
+                key = raw.decode()
+                value_key = key[1:-3] if key.startswith("{") else key
+                if not value_key.startswith(value_prefix):
+                    continue
+                pending.append(ScriptCall(Script.SWEEP_ONE, (value_key, self.keyspace.version_key_of(value_key)), (packed,)))
+                if len(pending) >= SWEEP_BATCH:
+                    removed += sum(await self.scripts.run(pending))
+                    pending = []
+        removed += sum(await self.scripts.run(pending))
+        return removed
+
+    async def read_namespace(self, namespace: str) -> dict[str, bytes]:
+        """Return every value key of `namespace` with its value (for verify)."""
+        keys = [raw async for raw in self.scan(self.keyspace.namespace_pattern(namespace))]
+        values: dict[str, bytes] = {}
+        for start in range(0, len(keys), SCAN_COUNT):
+            chunk = keys[start : start + SCAN_COUNT]
+            found = await self._call(self.client.mget(chunk), "MGET")
+            for key, value in zip(chunk, found):
+                if value is not None:
+                    values[key.decode()] = value
+        return values
+
+    async def read_versions(self, value_keys: list[str]) -> dict[str, str]:
+        """Return the stored version of each value key that has one."""
+        versions: dict[str, str] = {}
+        for start in range(0, len(value_keys), SCAN_COUNT):
+            chunk = value_keys[start : start + SCAN_COUNT]
+            found = await self._call(self.client.mget([self.keyspace.version_key_of(key) for key in chunk]), "MGET")
+            versions.update({key: value.decode() for key, value in zip(chunk, found) if value is not None})
+        return versions
+
+    async def _call(self, awaitable, what: str):
+        try:
+            return await awaitable
+        except ResponseError as exc:
+            if "NOPERM" in str(exc) or "no permissions" in str(exc).lower():
+                raise ConfigError(f"Redis user lacks a permission for {what}: {exc}; grant it with ACL SETUSER") from exc
+            raise DependencyError(f"Redis {what} failed: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise DependencyError(f"Redis {what} failed: {exc}") from exc
