@@ -21,7 +21,7 @@ rather than cached in a second spelling.
 | boolean | `true` / `false` |
 | json, jsonb | the embedded JSON value, numbers exact (a jsonb string scalar becomes a JSON string) |
 | any array | JSON array (nested for more dimensions) of the element type's canonical values, null for NULL elements |
-| timestamp with time zone | `"2024-03-15T17:30:00.123456+00:00"` (fraction as PostgreSQL prints it) |
+| timestamp with time zone | `"2024-03-15T17:30:00.123456+00:00"` (fraction as PostgreSQL prints it; input must be UTC) |
 | timestamp without time zone | `"2024-03-15T17:30:00.123456"` |
 | date | `"2024-03-15"` |
 | infinite date or timestamp | `"infinity"` / `"-infinity"` |
@@ -101,12 +101,16 @@ def _json_from_text(text: str) -> JsonValue:
         raise DecodeError(f"invalid json value {text[:100]!r}: {exc}") from None
 
 
+# NOTE: a BC date keeps PostgreSQL's " BC" suffix, so it is not valid ISO 8601.
 def _timestamptz_from_text(text: str) -> JsonValue:
     match = _TIMESTAMPTZ.fullmatch(text)
     if match is None:
         return _infinity_or_fail(text, "timestamp with time zone")
     day, clock, hours, minutes, seconds, era = match.groups()
-    return f"{day}T{clock}{hours}{minutes or ':00'}{seconds or ''}{era or ''}"
+    if hours != "+00" or minutes not in (None, ":00") or seconds not in (None, ":00"):
+        # Another offset spells the same instant differently, so the two paths would disagree.
+        raise DecodeError(f"invalid timestamp with time zone text {text!r}: expected UTC; pin the session to TimeZone=UTC")
+    return f"{day}T{clock}+00:00{era or ''}"
 
 
 def _timestamp_from_text(text: str) -> JsonValue:
