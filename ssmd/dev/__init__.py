@@ -1,0 +1,1 @@
+"""Local throwaway stack: servers, sample data, workload and demo."""

@@ -1,0 +1,139 @@
+"""Fixtures for tests on real servers: one PostgreSQL, NATS and Redis per pytest session.
+
+The servers start on free 127.0.0.1 ports in a temporary directory and die with the pytest
+process. Each test gets its own database, slot name, stream name and Redis logical database,
+so tests never see each other's tables, slots, streams or keys. A missing server binary fails
+the fixture with the Debian package to install; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ssmd.core.errors import ConfigError
+from ssmd.dev.servers import NatsServer, PostgresServer, RedisServer, ServerStartError
+
+_HERE = Path(__file__).parent
+_REDIS_DATABASES = 16  # redis-server's default `databases` setting
+_counter = itertools.count(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A conftest hook sees every collected item, so mark only the ones under this directory.
+    for item in items:
+        if _HERE in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _start(start, *args, **kwargs):
+    try:
+        return start(*args, **kwargs)
+    except (ConfigError, ServerStartError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def stack_root():
+    """A /tmp directory for the session's servers; mode 0755 so the postgres OS user can enter it."""
+    root = Path(tempfile.mkdtemp(prefix="ssmd-test-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(stack_root):
+    server = _start(PostgresServer.start, stack_root, die_with_parent=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(stack_root):
+    server = _start(NatsServer.start, stack_root, monitor=True, die_with_parent=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(stack_root):
+    server = _start(RedisServer.start, stack_root, die_with_parent=True)
+    yield server
+    server.stop()
+
+
+def _unique_name(prefix: str, request, limit: int) -> str:
+    test = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")
+    return f"{prefix}{next(_counter)}_{test}"[:limit].rstrip("_")
+
+
+@pytest.fixture
+def fresh_database(pg_server, request):
+    """URL of a new empty database; dropped after the test together with its replication slots."""
+    name = _unique_name("t", request, 63)
+    url = pg_server.create_database(name)
+    yield url
+    pg_server.drop_database(name)
+
+
+@pytest.fixture
+def fresh_slot_name(request):
+    """A replication slot name no other test uses (slot names are cluster-wide, not per database)."""
+    return _unique_name("slot", request, 50) + "_" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def fresh_stream_name(nats_server):
+    """A JetStream stream name no other test uses; the stream is deleted after the test.
+
+    Streams in one account cannot share subjects, so a test must not leave its `cdc.>` stream
+    behind for the next one.
+    """
+    name = f"T{next(_counter)}_{uuid.uuid4().hex[:8].upper()}"
+    yield name
+    asyncio.run(_delete_stream(nats_server.url, name))
+
+
+async def _delete_stream(url: str, name: str) -> None:
+    import nats
+    from nats.js.errors import NotFoundError
+
+    client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        await client.jetstream().delete_stream(name)
+    except NotFoundError:
+        pass
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def redis_db(redis_server):
+    """URL of a Redis logical database, flushed before the test (databases are reused in turn)."""
+    import redis
+
+    index = next(_counter) % _REDIS_DATABASES
+    url = redis_server.url_for(index)
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url
+
+
+@pytest.fixture
+def ssmd_env(fresh_database, nats_server, redis_db, fresh_stream_name, fresh_slot_name):
+    """Environment for running `ssmd` subprocesses against this test's database, stream and keys."""
+    return {
+        "DATABASE_URL": fresh_database,
+        "NATS_URL": nats_server.url,
+        "REDIS_URL": redis_db,
+        "NATS_STREAM": fresh_stream_name,
+        "REPLICATION_SLOT": fresh_slot_name,
+    }
