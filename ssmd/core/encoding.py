@@ -26,11 +26,14 @@ rather than cached in a second spelling.
 | date | `"2024-03-15"` |
 | infinite date or timestamp | `"infinity"` / `"-infinity"` |
 | bytea | `"\\\\x00ff"` (the hex text output) |
-| anything else (text, varchar, char, uuid, time, interval, enum, ...) | JSON string of the text output |
+| anything else (text, varchar, char, uuid, time, interval, money, bit, enum, domain, ...) | JSON string of the text output |
 | SQL NULL | `null` |
 
 wal2json 2.5 renders numeric and float NaN/Infinity as `null`, like SQL NULL; the change path
 keeps that `null`, and the publisher re-reads such columns (see `ssmd.core.wal2json`).
+
+A domain is encoded by its own name, so a domain over numeric becomes a JSON string: wal2json
+2.5 prints domain values as quoted text, and `format_type` names the domain, not its base type.
 """
 
 from __future__ import annotations
@@ -216,13 +219,13 @@ def _wal2json_bytea(value: Any) -> JsonValue:
 
 
 def _wal2json_text(converter: TextConverter) -> ChangeConverter:
+    # wal2json 2.5 prints only the built-in integer, float and numeric types as JSON numbers and
+    # boolean as true/false (by type oid, so a domain over them is a string); every other value
+    # is a JSON string holding the type's text output.
     def convert(value: Any) -> JsonValue:
-        if isinstance(value, bool):
-            # A domain over boolean: wal2json checks the type oid, the text output prints t/f.
-            return converter("t" if value else "f")
-        if not isinstance(value, str):
+        if not isinstance(value, str) or isinstance(value, JsonNumber):
             raise DecodeError(f"invalid wal2json value {value!r}: expected a string")
-        return converter(str(value))
+        return converter(value)
 
     return convert
 
