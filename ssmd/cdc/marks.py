@@ -1,0 +1,30 @@
+"""`cdc._ssmd.mark`: ssmd's own logical messages, forwarded so a reader can wait for a point.
+
+`ssmd verify` writes `pg_logical_emit_message(true, 'ssmd', token)` and waits until the cache
+has applied the mark; the publisher's heartbeat uses the same prefix. The body's `lsn` is the
+commit LSN of the transaction that carried a transactional message (the position the cache
+compares with), or the message's own LSN for a non-transactional one.
+"""
+
+from __future__ import annotations
+
+from ssmd.core.changes import LogicalMessage
+from ssmd.core.envelope import CONTROL_PREFIX, Message
+from ssmd.core.jsontext import dumps
+from ssmd.core.lsn import Lsn
+
+MARK_SUBJECT = f"{CONTROL_PREFIX}.mark"
+
+
+def encode_mark(message: LogicalMessage, commit_lsn: Lsn | None) -> Message:
+    """Return the stream message of a logical message; `commit_lsn` is None outside a transaction."""
+    lsn = commit_lsn if message.transactional and commit_lsn is not None else message.lsn
+    body = {
+        "lsn": str(lsn),
+        "message_lsn": str(message.lsn),
+        "prefix": message.prefix,
+        "content": message.content,
+        "transactional": message.transactional,
+    }
+    # The message's own LSN makes the id unique when one transaction emits several marks.
+    return Message(MARK_SUBJECT, dumps(body), f"mark:{lsn}:{message.lsn}")

@@ -1,0 +1,146 @@
+"""From wal2json rows to published messages: decode, complete columns, publish, track acks.
+
+Changes wait in a buffer of at most `batch_size` so that the columns wal2json did not render
+(unchanged TOAST, numeric NaN/Infinity as null) are re-read in one query per table and batch.
+The buffer is flushed when it is full, at every commit and after every read, so a huge
+transaction is published in slices while it streams in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import psycopg
+
+from ssmd.bus.publisher import Publisher
+from ssmd.cdc.marks import encode_mark
+from ssmd.core.changes import Begin, Commit, LogicalMessage
+from ssmd.core.confirm import AckTracker
+from ssmd.core.encoding import is_float_like
+from ssmd.core.envelope import encode_change
+from ssmd.core.errors import InternalError
+from ssmd.core.position import Position
+from ssmd.core.tables import TableInfo
+from ssmd.core.wal2json import DecodedChange, Wal2JsonDecoder, columns_to_fill, fill_columns
+from ssmd.observe import CdcMetrics
+from ssmd.pg.replication import MESSAGE_PREFIX
+from ssmd.pg.resolve import reread_columns
+
+log = logging.getLogger(__name__)
+
+_Pending = tuple[DecodedChange | LogicalMessage, Begin | None]
+
+
+def columns_to_reread(decoded: DecodedChange) -> list[str]:
+    """Return the columns to fill that the old tuple (REPLICA IDENTITY FULL) cannot supply."""
+    old_row = decoded.old_row or {}
+    needed = []
+    for name in columns_to_fill(decoded):
+        from_old_tuple = (
+            name in decoded.change.unchanged
+            and name in old_row
+            and (old_row[name] is not None or not is_float_like(decoded.types.get(name, "")))
+        )
+        if not from_old_tuple:
+            needed.append(name)
+    return needed
+
+
+class ChangePipeline:
+    def __init__(
+        self,
+        tables: list[TableInfo],
+        resolve_conn: psycopg.AsyncConnection,
+        publisher: Publisher,
+        tracker: AckTracker,
+        metrics: CdcMetrics,
+        batch_size: int = 500,
+    ) -> None:
+        self._tables = {(table.schema, table.name): table for table in tables}
+        self._resolve_conn = resolve_conn
+        self._publisher = publisher
+        self._tracker = tracker
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._decoder = Wal2JsonDecoder(tables, only_known_tables=True)
+        self._begin: Begin | None = None
+        self._pending: list[_Pending] = []
+
+    def reset(self) -> None:
+        """Start a fresh decoder, for a new peek from the slot's confirmed position."""
+        if self._pending or self._begin is not None:
+            raise InternalError("pipeline reset inside a transaction")
+        self._decoder = Wal2JsonDecoder(self._tables.values(), only_known_tables=True)
+
+    async def feed(self, row: bytes) -> None:
+        record = self._decoder.decode_row(row)
+        if isinstance(record, Begin):
+            self._tracker.open(record.commit_lsn, record.next_lsn)
+            self._begin = record
+        elif isinstance(record, DecodedChange):
+            self._metrics.changes_read.inc()
+            self._pending.append((record, self._begin))
+            if len(self._pending) >= self._batch_size:
+                await self.flush()
+        elif isinstance(record, LogicalMessage):
+            await self._on_message(record)
+        elif isinstance(record, Commit):
+            await self.flush()
+            self._tracker.close(record.commit_lsn)
+            self._metrics.transactions.inc()
+            self._begin = None
+
+    async def flush(self) -> None:
+        """Complete and publish every buffered change and mark, in order."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rereads = await self._reread(pending)
+        for index, (record, begin) in enumerate(pending):
+            if isinstance(record, LogicalMessage):
+                message = encode_mark(record, begin.commit_lsn if begin else None)
+                token = Position(begin.commit_lsn if begin else record.lsn)
+            else:
+                message = encode_change(fill_columns(record, rereads.get(index)) if index in rereads else record.change)
+                token = record.change.position
+            self._tracker.sent(token)
+            await self._publisher.publish(message, token)
+
+    async def _on_message(self, message: LogicalMessage) -> None:
+        if message.prefix != MESSAGE_PREFIX:
+            return
+        if message.transactional and self._begin is not None:
+            self._pending.append((message, self._begin))
+            return
+        # A non-transactional message arrives alone; it is tracked as a transaction of its own
+        # that ends at its LSN, so the slot is not confirmed past it before its PubAck.
+        self._tracker.open(message.lsn, message.lsn)
+        self._pending.append((message, None))
+        await self.flush()
+        self._tracker.close(message.lsn)
+
+    async def _reread(self, pending: list[_Pending]) -> dict[int, dict[str, str | None] | None]:
+        """Re-read the columns to fill, one query per table; map buffer index -> text values."""
+        wanted: dict[tuple[str, str], list[tuple[int, DecodedChange]]] = defaultdict(list)
+        columns: dict[tuple[str, str], set[str]] = defaultdict(set)
+        results: dict[int, dict[str, str | None] | None] = {}
+        for index, (record, _) in enumerate(pending):
+            if not isinstance(record, DecodedChange) or not columns_to_fill(record):
+                continue
+            needed = columns_to_reread(record)
+            results[index] = None
+            if needed:
+                table_key = (record.change.schema, record.change.table)
+                wanted[table_key].append((index, record))
+                columns[table_key].update(needed)
+
+        for table_key, entries in wanted.items():
+            table = self._tables[table_key]
+            names = sorted(columns[table_key])
+            values = await reread_columns(self._resolve_conn, table, [record.change.key for _, record in entries], names)
+            for (index, _), row in zip(entries, values):
+                results[index] = row
+            self._metrics.reread_rows.inc(len(entries))
+            log.debug("re-read columns table=%s rows=%s columns=%s", table.qualified_name, len(entries), ",".join(names))
+        return results

@@ -1,0 +1,74 @@
+"""Re-reading columns that wal2json did not render: unchanged TOAST values and numeric NaN/Infinity.
+
+wal2json 2.5 leaves an unchanged out-of-line TOAST column out of an UPDATE and prints numeric
+NaN and Infinity as null, like SQL NULL. The publisher fills those columns with the row's
+current values, read by key in one query per table and batch. The values can be newer than the
+change, but every later change of the column carries its own value, so the cache still
+converges. Values come back as PostgreSQL text output (`col::text`) on a pinned session, the
+same form the warm path encodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import psycopg
+from psycopg import sql
+
+from ssmd.core.changes import Row
+from ssmd.core.errors import DependencyError
+from ssmd.core.jsontext import JsonNumber, dumps
+from ssmd.core.tables import TableInfo
+
+# Parameter arrays grow with the batch; PostgreSQL takes far more, this bounds one query's size.
+MAX_KEYS_PER_QUERY = 1000
+
+
+def key_parameter(value) -> str:
+    """Return a canonical key value as the text input of its PostgreSQL type."""
+    if value is True:
+        return "t"
+    if value is False:
+        return "f"
+    if isinstance(value, (str, JsonNumber)):
+        return str(value)
+    # NOTE: a key column of array type would need the array literal, not JSON; none is supported.
+    return dumps(value).decode()
+
+
+def build_reread_query(table: TableInfo, columns: Sequence[str]) -> sql.Composed:
+    key_aliases = [sql.Identifier(f"k{i}") for i in range(len(table.key_columns))]
+    unnest_arguments = sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in table.key_columns)
+    join_condition = sql.SQL(" AND ").join(
+        sql.SQL("t.{} = k.{}::{}").format(sql.Identifier(column), alias, sql.SQL(table.type_of(column)))
+        for column, alias in zip(table.key_columns, key_aliases)
+    )
+    selected = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(column)) for column in columns)
+    return sql.SQL(
+        "SELECT k.ord, {selected} FROM unnest({arguments}) WITH ORDINALITY AS k({aliases}, ord) "
+        "JOIN {schema}.{table} t ON {condition}"
+    ).format(
+        selected=selected, arguments=unnest_arguments, aliases=sql.SQL(", ").join(key_aliases),
+        schema=sql.Identifier(table.schema), table=sql.Identifier(table.name), condition=join_condition,
+    )
+
+
+async def reread_columns(
+    conn: psycopg.AsyncConnection, table: TableInfo, keys: Sequence[Row], columns: Sequence[str]
+) -> list[dict[str, str | None] | None]:
+    """Return, for each key in order, the text output of `columns` (None where the row is gone)."""
+    results: list[dict[str, str | None] | None] = [None] * len(keys)
+    if not keys or not columns:
+        return results
+    query = build_reread_query(table, columns)
+    for start in range(0, len(keys), MAX_KEYS_PER_QUERY):
+        chunk = keys[start:start + MAX_KEYS_PER_QUERY]
+        arrays = [[key_parameter(key[column]) for key in chunk] for column in table.key_columns]
+        try:
+            cursor = await conn.execute(query, arrays)
+            rows = await cursor.fetchall()
+        except psycopg.OperationalError as exc:
+            raise DependencyError(f"re-reading {len(chunk)} row(s) of {table.qualified_name} failed: {exc}") from exc
+        for ordinal, *values in rows:
+            results[start + ordinal - 1] = dict(zip(columns, values))
+    return results
