@@ -4,8 +4,10 @@ Two paths reach a cached row and must produce identical bytes:
 
 - the change path gets wal2json format-version 2 values (numbers as `JsonNumber`, booleans,
   strings, null) with the type name from `include-types`;
-- the warm path gets PostgreSQL text output per column (COPY text or `::text`) with the type
-  name from `format_type(atttypid, atttypmod)`, which is the spelling `include-types` uses.
+- the warm path gets PostgreSQL text output per column, as `COPY ... TO STDOUT` prints it, with
+  the type name from `format_type(atttypid, atttypmod)`, which is the spelling `include-types`
+  uses. A `::text` cast is not the same: it gives `true` for a boolean (rejected here) and drops
+  the trailing blanks of `character(n)` (which would go unnoticed).
 
 Both sessions must be pinned to `DateStyle=ISO`, `TimeZone=UTC`, `extra_float_digits=3`,
 `bytea_output=hex` and `IntervalStyle=postgres`, because wal2json 2.5 and the text output both
