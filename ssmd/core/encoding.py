@@ -40,13 +40,16 @@ A domain is encoded by its own name, so a domain over numeric becomes a JSON str
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
 from ssmd.core.errors import DecodeError
-from ssmd.core.jsontext import JsonNumber, JsonValue, dumps, loads
+import orjson
+
+from ssmd.core.jsontext import JsonNumber, JsonValue, dumps
 from ssmd.core.pgarray import parse_array
 
 TextConverter = Callable[[str], JsonValue]
@@ -99,9 +102,17 @@ def _bool_from_text(text: str) -> JsonValue:
     raise DecodeError(f"invalid boolean text {text!r}: expected 't' or 'f'")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+# One decoder for every value: `json.loads` with keyword arguments builds a new one per call.
+_JSON_DECODER = json.JSONDecoder(parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant)
+
+
 def _json_from_text(text: str) -> JsonValue:
     try:
-        return loads(text)
+        return _JSON_DECODER.decode(text)
     except ValueError as exc:
         raise DecodeError(f"invalid json value {text[:100]!r}: {exc}") from None
 
@@ -265,25 +276,55 @@ def encode_row(row: dict[str, JsonValue]) -> bytes:
 class TextRowEncoder:
     """Per-table encoder for the warm path, with the converters looked up once.
 
-    Warm encodes every row of every followed table, so the per-row work is one converter call per
-    non-NULL column and one `orjson` serialisation.
+    Warm encodes every row of every followed table. Text-like columns pass through unchanged,
+    so the per-row work is one converter call per other non-NULL column and one `orjson`
+    serialisation. `encode` hands numbers to orjson as `orjson.Fragment`, which writes the
+    same bytes as `dumps` writes for a `JsonNumber`.
     """
 
-    __slots__ = ("names", "_converters")
+    __slots__ = ("names", "_converted", "_encoded")
 
     def __init__(self, columns: Sequence[tuple[str, str]]) -> None:
         self.names = tuple(name for name, _ in columns)
-        self._converters = tuple(text_converter(type_name) for _, type_name in columns)
+        self._converted = tuple(
+            (index, name, text_converter(type_name))
+            for index, (name, type_name) in enumerate(columns)
+            if text_converter(type_name) is not _string_from_text
+        )
+        self._encoded = tuple(
+            (index, name, _FRAGMENT_CONVERTERS.get(convert, convert)) for index, name, convert in self._converted
+        )
 
     def row(self, values: Sequence[str | None]) -> dict[str, JsonValue]:
         """Return the canonical row for one tuple of text outputs, in column order."""
-        if len(values) != len(self.names):
-            raise DecodeError(f"row has {len(values)} values, expected {len(self.names)} ({', '.join(self.names)})")
-        return {
-            name: None if text is None else convert(text)
-            for name, convert, text in zip(self.names, self._converters, values)
-        }
+        return self._convert(values, self._converted)
 
     def encode(self, values: Sequence[str | None]) -> bytes:
         """Return the canonical JSON bytes for one tuple of text outputs."""
-        return dumps(self.row(values))
+        return dumps(self._convert(values, self._encoded))
+
+    def _convert(self, values: Sequence[str | None], converters: tuple[tuple[int, str, Callable[[str], Any]], ...]) -> dict[str, Any]:
+        if len(values) != len(self.names):
+            raise DecodeError(f"row has {len(values)} values, expected {len(self.names)} ({', '.join(self.names)})")
+        row: dict[str, Any] = dict(zip(self.names, values))
+        for index, name, convert in converters:
+            text = values[index]
+            if text is not None:
+                row[name] = convert(text)
+        return row
+
+
+def _integer_fragment(text: str) -> Any:
+    return orjson.Fragment(text)
+
+
+def _number_fragment(text: str) -> Any:
+    if text in _SPECIAL_NUMBERS:
+        return str(text)
+    return orjson.Fragment(text)
+
+
+_FRAGMENT_CONVERTERS: dict[Callable[[str], JsonValue], Callable[[str], Any]] = {
+    _integer_from_text: _integer_fragment,
+    _number_from_text: _number_fragment,
+}

@@ -15,11 +15,14 @@ Elements come back as text (or None) in nested lists; the caller converts them b
 
 from __future__ import annotations
 
+import re
 from typing import NoReturn
 
 from ssmd.core.errors import DecodeError
 
 ArrayValue = list["ArrayValue"] | str | None
+
+_NOT_SIMPLE = re.compile(r'[{}"\\\s]')
 
 
 def parse_array(text: str, delimiter: str = ",") -> list[ArrayValue]:
@@ -27,8 +30,33 @@ def parse_array(text: str, delimiter: str = ",") -> list[ArrayValue]:
 
     The bounds of a dimension prefix are dropped: `[0:1]={a,b}` parses like `{a,b}`.
     """
+    simple = _parse_simple(text, delimiter)
+    if simple is not None:
+        return simple
     parser = _ArrayParser(text, delimiter)
     return parser.parse()
+
+
+def _parse_simple(text: str, delimiter: str) -> list[ArrayValue] | None:
+    """Parse a one-dimensional array without quotes or escapes, the common case, or return None.
+
+    `array_out` quotes every element that is empty or contains whitespace, so in its output the
+    elements between the delimiters of such an array are exactly the bare values.
+    """
+    if len(text) < 2 or text[0] != "{" or text[-1] != "}":
+        return None
+    inner = text[1:-1]
+    if not inner:
+        return []
+    if _NOT_SIMPLE.search(inner):
+        return None
+    elements: list[ArrayValue] = inner.split(delimiter)
+    for i, element in enumerate(elements):
+        if not element:
+            return None
+        if len(element) == 4 and element.upper() == "NULL":
+            elements[i] = None
+    return elements
 
 
 def format_array(value: list[ArrayValue], delimiter: str = ",") -> str:
