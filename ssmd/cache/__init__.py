@@ -1,0 +1,1 @@
+"""`ssmd cache`: warm Redis from an exported snapshot and apply the change stream."""
