@@ -1,13 +1,23 @@
-"""The throwaway servers and the per-test fixtures, on real servers."""
+"""The throwaway servers, the per-test fixtures, `ssmd dev up/down`, sample data and workload."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import nats
 import psycopg
 import pytest
 import redis
 
-from ssmd.dev.servers import PostgresServer, RedisServer
+from ssmd.dev.sample import load_sample
+from ssmd.dev.servers import PostgresServer, RedisServer, pid_alive
+from ssmd.dev.workload import Workload, run_workload
 
 
 def test_postgres_creates_wal2json_slot(fresh_database, fresh_slot_name):
@@ -120,3 +130,127 @@ def test_missing_binary_names_package(missing):
 
     with pytest.raises(MissingBinaryError, match="apt-get install postgresql-15"):
         require_binary(missing, "postgresql-15")
+
+
+def _ssmd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ssmd", *args], capture_output=True, text=True, timeout=120)
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        assert line.startswith("export "), line
+        name, _, value = line.removeprefix("export ").partition("=")
+        env[name] = value
+    return env
+
+
+def test_dev_up_down_idempotent(stack_root):
+    root = stack_root / "dev"
+
+    first = _ssmd("dev", "up", "--dir", str(root))
+    assert first.returncode == 0, first.stderr
+    second = _ssmd("dev", "up", "--dir", str(root))
+    assert second.returncode == 0, second.stderr
+    pids = {name: json.loads((root / f"{name}.json").read_text())["pid"] for name in ("postgres", "nats", "redis")}
+    try:
+        assert second.stdout == first.stdout
+        assert second.stderr.count("reused") == 3
+        env = _read_env(root / "env")
+        assert first.stdout == (root / "env").read_text()
+        assert sorted(env) == ["DATABASE_URL", "NATS_URL", "REDIS_URL"]
+        assert re.fullmatch(r"postgresql://postgres@127\.0\.0\.1:\d+/secmaster", env["DATABASE_URL"])
+        assert re.fullmatch(r"nats://127\.0\.0\.1:\d+", env["NATS_URL"])
+        assert re.fullmatch(r"redis://127\.0\.0\.1:\d+", env["REDIS_URL"])
+
+        with psycopg.connect(env["DATABASE_URL"]) as connection:
+            tables = connection.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").fetchall()
+        assert tables == [("events",), ("markets",), ("series_fees",)]
+        with redis.Redis.from_url(env["REDIS_URL"]) as client:
+            assert client.ping() is True
+        assert asyncio.run(_jetstream_enabled(env["NATS_URL"]))
+    finally:
+        down = _ssmd("dev", "down", "--dir", str(root))
+
+    assert down.returncode == 0, down.stderr
+    assert down.stderr.count("stopped") == 3
+    for name, pid in pids.items():
+        assert not pid_alive(pid), name
+    assert not (root / "env").exists()
+    again = _ssmd("dev", "down", "--dir", str(root))
+    assert again.returncode == 0, again.stderr
+    assert "no running servers" in again.stderr
+
+
+async def _jetstream_enabled(url: str) -> bool:
+    client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        info = await client.jetstream().account_info()
+    finally:
+        await client.close()
+    return info.limits is not None
+
+
+def test_dev_up_missing_binary_one_line(stack_root):
+    environment = {**os.environ, "SSMD_PG_BINDIR": "/nonexistent"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ssmd", "dev", "up", "--dir", str(stack_root / "missing")],
+        capture_output=True, text=True, timeout=60, env=environment,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ssmd dev: error: /nonexistent/initdb not found: install the Debian package postgresql-15 (apt-get install postgresql-15)"
+    ]
+
+
+def test_sample_load_counts(fresh_database):
+    counts = load_sample(fresh_database, markets=200, seed=5)
+    again = load_sample(fresh_database, markets=200, seed=5)
+
+    assert counts.as_dict() == {"events": 50, "markets": 200, "series_fees": 30}
+    assert again.as_dict() == {"events": 0, "markets": 0, "series_fees": 0}
+    with psycopg.connect(fresh_database) as connection:
+        markets, nan, toasted = connection.execute(
+            "SELECT count(*), count(*) FILTER (WHERE last_price = 'NaN'), count(*) FILTER (WHERE length(notes) > 2048) FROM markets"
+        ).fetchone()
+    assert markets == 200
+    assert nan >= 1
+    assert toasted >= 1
+
+
+def test_workload_counts_match_rows(fresh_database):
+    load_sample(fresh_database, markets=400, seed=2)
+    before = _row_count(fresh_database)
+
+    counts = run_workload(fresh_database, seconds=2, rate=100, seed=9)
+
+    assert counts.transactions > 50
+    assert counts.rolled_back > 0
+    assert counts.key_changes > 0
+    assert counts.deletes > 0
+    assert _row_count(fresh_database) == before + counts.inserts - counts.deletes
+
+
+def test_workload_same_seed_same_counts(pg_server):
+    # The pace depends on the clock, so compare runs of an equal number of steps.
+    results = []
+    for attempt in range(2):
+        url = pg_server.create_database(f"t_seed_{attempt}")
+        try:
+            load_sample(url, markets=100, seed=1)
+            with Workload(url, seed=4) as workload:
+                for _ in range(150):
+                    workload.step()
+                results.append(workload.counts.as_dict())
+        finally:
+            pg_server.drop_database(f"t_seed_{attempt}")
+
+    assert results[0] == results[1]
+
+
+def _row_count(url: str) -> int:
+    with psycopg.connect(url) as connection:
+        return connection.execute(
+            "SELECT (SELECT count(*) FROM markets) + (SELECT count(*) FROM events) + (SELECT count(*) FROM series_fees)"
+        ).fetchone()[0]
