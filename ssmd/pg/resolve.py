@@ -4,7 +4,7 @@ wal2json 2.5 leaves an unchanged out-of-line TOAST column out of an UPDATE and p
 NaN and Infinity as null, like SQL NULL. The publisher fills those columns with the row's
 current values, read by key in one query per table and batch. The values can be newer than the
 change, but every later change of the column carries its own value, so the cache still
-converges. Values come back as PostgreSQL text output (`col::text`) on a pinned session, the
+converges. Values come back as each type's text output on a pinned session, the
 same form the warm path encodes.
 """
 
@@ -43,7 +43,8 @@ def build_reread_query(table: TableInfo, columns: Sequence[str]) -> sql.Composed
         sql.SQL("t.{} = k.{}::{}").format(sql.Identifier(column), alias, sql.SQL(table.type_of(column)))
         for column, alias in zip(table.key_columns, key_aliases)
     )
-    selected = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(column)) for column in columns)
+    # Selected without a cast: `boolean::text` gives 'true', while the type's output is 't'.
+    selected = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(column)) for column in columns)
     return sql.SQL(
         "SELECT k.ord, {selected} FROM unnest({arguments}) WITH ORDINALITY AS k({aliases}, ord) "
         "JOIN {schema}.{table} t ON {condition}"
@@ -66,9 +67,18 @@ async def reread_columns(
         arrays = [[key_parameter(key[column]) for key in chunk] for column in table.key_columns]
         try:
             cursor = await conn.execute(query, arrays)
-            rows = await cursor.fetchall()
         except psycopg.OperationalError as exc:
             raise DependencyError(f"re-reading {len(chunk)} row(s) of {table.qualified_name} failed: {exc}") from exc
-        for ordinal, *values in rows:
+        for ordinal, values in _text_rows(cursor.pgresult):
             results[start + ordinal - 1] = dict(zip(columns, values))
     return results
+
+
+def _text_rows(result) -> list[tuple[int, list[str | None]]]:
+    """Return (ordinal, text outputs) per row, straight from the text-format result."""
+    rows = []
+    for row in range(result.ntuples):
+        raw = [result.get_value(row, column) for column in range(result.nfields)]
+        values = [None if value is None else bytes(value).decode() for value in raw[1:]]
+        rows.append((int(raw[0]), values))
+    return rows

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import psycopg
+import pytest
 
 from ssmd.core.jsontext import JsonNumber
+from ssmd.core.lsn import Lsn
 from tests.integration.cdc_support import (
-    MARKETS_SCHEMA, CdcProcess, changes, read_stream, run_sql, slot_state, wait_streaming, wait_until, stream_count,
+    MARKETS_SCHEMA, CdcProcess, changes, current_wal_lsn, read_stream, run_sql, slot_state, wait_streaming, wait_until,
 )
 
 
@@ -55,3 +58,165 @@ def test_cdc_publishes_insert_update_delete(ssmd_env, cdc):
     assert "data" not in delete
     for message in messages:
         assert message.msg_id == f"{message.body['lsn']}:{message.body['seq']}"
+
+
+def test_cdc_key_change_carries_old_key(ssmd_env, cdc):
+    process = cdc()
+    url = ssmd_env["DATABASE_URL"]
+    run_sql(url, "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1.5, 10, 'n')",
+            "UPDATE markets SET ticker = 'TEST-1B' WHERE ticker = 'TEST-1'")
+    _wait_changes(ssmd_env, 2, process)
+
+    update = changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))[1].body
+    assert update["op"] == "update"
+    assert update["key"] == {"ticker": "TEST-1B"}
+    assert update["old_key"] == {"ticker": "TEST-1"}
+    assert update["data"]["status"] == "open"
+    assert update["data"]["price"] == JsonNumber("1.5")
+
+
+def test_cdc_full_identity_delete_uses_pk(ssmd_env, cdc):
+    url = ssmd_env["DATABASE_URL"]
+    process = cdc()
+    run_sql(url, "ALTER TABLE series_fees REPLICA IDENTITY FULL",
+            "INSERT INTO series_fees VALUES ('S1', '2024-01-01', 0.5), ('S1', '2024-02-01', 0.6)",
+            "DELETE FROM series_fees WHERE effective_from = '2024-02-01'")
+    _wait_changes(ssmd_env, 3, process)
+
+    delete = changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))[2]
+    assert delete.subject == "cdc.series_fees.delete"
+    assert delete.body["key"] == {"series_ticker": "S1", "effective_from": "2024-02-01"}
+
+
+def test_cdc_interleaved_transactions_use_commit_order(ssmd_env, cdc):
+    process = cdc()
+    url = ssmd_env["DATABASE_URL"]
+    run_sql(url, "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL), ('TEST-2', 'EV-1', 'open', 1, 1, NULL)")
+    with psycopg.connect(url) as session_a, psycopg.connect(url, autocommit=True) as session_b:
+        session_a.execute("UPDATE markets SET status = 'a' WHERE ticker = 'TEST-1'")
+        session_b.execute("UPDATE markets SET status = 'b' WHERE ticker = 'TEST-2'")
+        session_a.commit()
+    _wait_changes(ssmd_env, 4, process)
+
+    messages = changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))
+    update_b, update_a = messages[2].body, messages[3].body
+    assert update_b["key"] == {"ticker": "TEST-2"}
+    assert update_a["key"] == {"ticker": "TEST-1"}
+    assert Lsn.parse(update_a["lsn"]) > Lsn.parse(update_b["lsn"])
+    assert update_a["data"]["status"] == "a"
+
+
+def test_cdc_fills_unchanged_toast(ssmd_env, cdc):
+    process = cdc()
+    url = ssmd_env["DATABASE_URL"]
+    notes = os.urandom(6000).hex()  # 12 KB of hex digits: compresses poorly, stored out of line
+    run_sql(url, "ALTER TABLE markets ALTER COLUMN notes SET STORAGE EXTERNAL",
+            f"INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, '{notes}')",
+            "UPDATE markets SET status = 'closed' WHERE ticker = 'TEST-1'")
+    _wait_changes(ssmd_env, 2, process)
+    run_sql(url, "UPDATE markets SET notes = NULL WHERE ticker = 'TEST-1'")
+    _wait_changes(ssmd_env, 3, process)
+
+    insert, update, cleared = (m.body for m in changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"])))
+    assert insert["data"]["notes"] == notes
+    assert update["data"]["status"] == "closed"
+    assert update["data"]["notes"] == notes
+    assert "unchanged" not in update
+    assert cleared["data"]["notes"] is None
+    assert "unchanged" not in cleared
+
+
+def test_cdc_lists_unfillable_toast(ssmd_env, cdc):
+    process = cdc()
+    url = ssmd_env["DATABASE_URL"]
+    notes = os.urandom(6000).hex()
+    # wal2json sends a transaction only after its commit, so the row is gone before the
+    # publisher can re-read it and `notes` cannot be filled in.
+    with psycopg.connect(url) as conn:
+        conn.execute("ALTER TABLE markets ALTER COLUMN notes SET STORAGE EXTERNAL")
+        conn.execute(f"INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, '{notes}')")
+        conn.commit()
+        conn.execute("UPDATE markets SET status = 'closed' WHERE ticker = 'TEST-1'")
+        conn.execute("DELETE FROM markets WHERE ticker = 'TEST-1'")
+        conn.commit()
+    _wait_changes(ssmd_env, 3, process)
+
+    update = changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))[1].body
+    assert update["unchanged"] == ["notes"]
+    assert "notes" not in update["data"]
+    assert update["data"]["status"] == "closed"
+
+
+def test_cdc_fills_toast_from_full_identity(ssmd_env, cdc):
+    process = cdc()
+    url = ssmd_env["DATABASE_URL"]
+    notes = os.urandom(6000).hex()
+    run_sql(url, "ALTER TABLE markets ALTER COLUMN notes SET STORAGE EXTERNAL", "ALTER TABLE markets REPLICA IDENTITY FULL",
+            f"INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, '{notes}')",
+            "UPDATE markets SET status = 'closed' WHERE ticker = 'TEST-1'",
+            "DELETE FROM markets WHERE ticker = 'TEST-1'")
+    _wait_changes(ssmd_env, 3, process)
+
+    update = changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))[1].body
+    assert update["data"]["notes"] == notes
+    assert "unchanged" not in update
+
+
+def test_cdc_resolves_nan_and_null(ssmd_env, cdc):
+    process = cdc()
+    url = ssmd_env["DATABASE_URL"]
+    run_sql(url, "INSERT INTO series_fees VALUES ('S1', '2024-01-01', 'NaN'), ('S2', '2024-01-01', NULL), ('S3', '2024-01-01', 'Infinity')")
+    _wait_changes(ssmd_env, 3, process)
+
+    fees = {m.body["key"]["series_ticker"]: m.body["data"]["fee"] for m in changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))}
+    assert fees == {"S1": "NaN", "S2": None, "S3": "Infinity"}
+
+
+def test_cdc_forwards_marks(ssmd_env, cdc):
+    process = cdc("--heartbeat-interval", "1")
+    url = ssmd_env["DATABASE_URL"]
+    run_sql(url, "SELECT pg_logical_emit_message(true, 'ssmd', 'fence-1')",
+            "SELECT pg_logical_emit_message(true, 'other', 'ignored')")
+
+    def read_marks():
+        marks = read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"], "cdc._ssmd.mark")
+        return marks if any(m.body["content"] == "heartbeat" for m in marks) else None
+
+    marks = wait_until(read_marks, 30, "a fence mark and a heartbeat mark", process, interval=0.3)
+
+    fence = marks[0].body
+    assert fence["content"] == "fence-1"
+    assert fence["prefix"] == "ssmd"
+    assert fence["transactional"] is True
+    assert all(m.body["prefix"] == "ssmd" for m in marks)
+    heartbeat = next(m.body for m in marks if m.body["content"] == "heartbeat")
+    # The heartbeat's commit moved the slot: confirmed position passes the mark's commit LSN.
+    wait_until(lambda: (slot_state(url, ssmd_env["REPLICATION_SLOT"])[0] or Lsn(0)) > Lsn.parse(heartbeat["lsn"]),
+               30, "slot confirmed past the heartbeat", process)
+
+
+def test_cdc_announces_slot_creation(ssmd_env, cdc):
+    process = cdc()
+    announced = read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"], "cdc._ssmd.slot_created")
+
+    assert len(announced) == 1
+    assert announced[0].body["slot"] == ssmd_env["REPLICATION_SLOT"]
+    point = Lsn.parse(announced[0].body["consistent_point"])
+    assert point <= slot_state(ssmd_env["DATABASE_URL"], ssmd_env["REPLICATION_SLOT"])[0]
+    assert "created replication slot" in process.log_text()
+
+
+def test_cdc_polling_mode(ssmd_env, cdc):
+    process = cdc("--poll", "--poll-interval-ms", "100")
+    url = ssmd_env["DATABASE_URL"]
+    wait_until(lambda: slot_state(url, ssmd_env["REPLICATION_SLOT"])[0] is not None, 30, "slot creation", process)
+    run_sql(url, "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL)",
+            "UPDATE markets SET status = 'halted' WHERE ticker = 'TEST-1'")
+    _wait_changes(ssmd_env, 2, process)
+    end = current_wal_lsn(url)
+
+    messages = changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))
+    assert [m.subject for m in messages] == ["cdc.markets.insert", "cdc.markets.update"]
+    wait_until(lambda: slot_state(url, ssmd_env["REPLICATION_SLOT"])[0] >= Lsn.parse(messages[1].body["lsn"]),
+               30, "slot advanced past the update", process)
+    assert slot_state(url, ssmd_env["REPLICATION_SLOT"])[0] <= end
