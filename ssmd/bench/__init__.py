@@ -1,0 +1,1 @@
+"""`ssmd bench`: throughput, latency, warm rate and memory, each beside a ceiling from the same run."""

@@ -1,0 +1,84 @@
+"""Ceilings measured in the same run: the fastest reader of the WAL, and Redis compare-and-set.
+
+- pg_recvlogical (PostgreSQL's own C client) streams the slot with the wal2json options ssmd cdc
+  uses and writes to /dev/null: no consumer of the same WAL can be faster than this on the same
+  server, so it bounds the publish and end-to-end rates.
+- A pipelined EVALSHA of a compare-and-set script with the same key shape as the cache's write
+  (value key plus version key in one hash slot, fixed-width hex versions), the same batch size
+  and values of the same sizes bounds the warm rate: warm also reads and encodes rows, the
+  ceiling only writes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import redis
+
+from ssmd.core.wal2json import WAL2JSON_OPTIONS
+from ssmd.dev.servers import PG_BINDIR
+
+PG_RECVLOGICAL = PG_BINDIR / "pg_recvlogical"
+
+# Same decision as a versioned write: apply only when the new version is greater than the
+# stored one, then store value and version. Versions are fixed-width hex strings.
+CAS_SCRIPT = """
+local stored = redis.call("GET", KEYS[2])
+if stored and ARGV[1] <= stored then
+  return 0
+end
+redis.call("SET", KEYS[1], ARGV[2])
+redis.call("SET", KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def recvlogical_options(tables: list[str]) -> list[str]:
+    """Return `-o name=value` arguments for the wal2json options of ssmd cdc."""
+    options = dict(WAL2JSON_OPTIONS)
+    options["add-tables"] = ",".join(table if "." in table else f"public.{table}" for table in tables)
+    options["add-msg-prefixes"] = "ssmd"
+    arguments = []
+    for name, value in options.items():
+        arguments += ["-o", f"{name}={value}"]
+    return arguments
+
+
+def run_pg_recvlogical(dsn: str, slot: str, end_lsn: str, tables: list[str], timeout_s: float) -> float:
+    """Stream `slot` up to `end_lsn` into /dev/null and return the elapsed seconds."""
+    command = [
+        str(PG_RECVLOGICAL), "--dbname", dsn, "--slot", slot, "--start",
+        "--endpos", end_lsn, "--file", "/dev/null", "--fsync-interval", "0", "--no-loop",
+        *recvlogical_options(tables),
+    ]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_recvlogical exited with code {result.returncode}: {result.stderr.strip()[-500:]}")
+    return elapsed
+
+
+def redis_cas_rate(redis_url: str, values: list[bytes], rows: int, batch_size: int, key_prefix: str = "bench:cas") -> float:
+    """Write `rows` keys with pipelined EVALSHA CAS calls and return rows per second.
+
+    Values cycle through `values` (rows sampled from the cache) so value sizes match. Each key
+    is new, so every call applies, as in a warm of an empty cache.
+    """
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    try:
+        sha = client.script_load(CAS_SCRIPT)
+        version = b"%016X%08X" % (0x100000000, 0)
+        started = time.perf_counter()
+        for first in range(0, rows, batch_size):
+            pipeline = client.pipeline(transaction=False)
+            for index in range(first, min(rows, first + batch_size)):
+                value_key = f"{key_prefix}:{index}"
+                pipeline.evalsha(sha, 2, value_key, "{" + value_key + "}:v", version, values[index % len(values)])
+            pipeline.execute()
+        elapsed = time.perf_counter() - started
+        client.flushdb()
+    finally:
+        client.close()
+    return rows / elapsed

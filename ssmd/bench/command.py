@@ -1,0 +1,74 @@
+"""`ssmd bench`: start a throwaway stack, run every phase, print the table, write BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ssmd.bench.machine import describe_machine
+from ssmd.bench.method import METHOD
+from ssmd.bench.phases import SIZES, BenchRun
+from ssmd.bench.report import Report, format_console_table, kept_analysis, render_markdown
+from ssmd.bench.stack import BenchStack
+from ssmd.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: about a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, up to ~15 minutes (default full)")
+    parser.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write; an existing `## Analysis` section in it is kept (default BENCHMARKS.md)")
+    parser.add_argument("--profile", action="store_true", help="run the daemons under cProfile and add their top functions to the report; rates are then lower")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory with server and daemon logs, and print its path")
+    parser.add_argument("--log-level", default="INFO", help="log level of the benchmark itself: DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    size = SIZES[args.size]
+    started = time.perf_counter()
+    report = Report(size=args.size, started_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=describe_machine())
+
+    # The postgres OS user must be able to enter the directory, hence /tmp and mode 0755.
+    root = Path(tempfile.mkdtemp(prefix="ssmd-bench-", dir="/tmp"))
+    root.chmod(0o755)
+    work_dir = root / "daemons"
+    work_dir.mkdir()
+    log.info("benchmark size=%s directory=%s", args.size, root)
+
+    stack = BenchStack.start(root)
+    bench = BenchRun(stack, size, report, work_dir, profile=args.profile)
+    try:
+        bench.load_data()
+        bench.warm()
+        bench.generate_stream_load()
+        bench.recvlogical()
+        bench.cdc_publish()
+        bench.baseline()
+        bench.end_to_end()
+        bench.latency()
+        bench.peak_rss()
+    finally:
+        bench.stop_daemons()
+        stack.stop()
+        if args.profile:
+            bench.profiles()
+        if args.keep:
+            print(f"kept logs and data in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    report.duration_s = time.perf_counter() - started
+    print(format_console_table(report))
+    output = Path(args.output)
+    output.write_text(render_markdown(report, METHOD, kept_analysis(output)))
+    print(f"wrote {output}")
+    failed = report.failed()
+    for measurement in failed:
+        log.error("measurement failed: %s: %s", measurement.name, measurement.error)
+    return 1 if failed else 0

@@ -1,0 +1,60 @@
+"""The "Method" section of BENCHMARKS.md: how each figure is measured."""
+
+METHOD = """
+## Method
+
+One run starts its own PostgreSQL 15 (wal2json), two nats-server instances and one redis-server
+on free 127.0.0.1 ports in a temporary directory, loads the sample security master
+(`ssmd.dev.sample`, with its edge cases: about 5 % of `last_price` NULL, 1.5 % NaN or
+Infinity, 5 % of `notes` large enough to be TOASTed), and stops everything at the end. Phases
+run one after another, so no two measured consumers compete for the two CPUs.
+
+**Same WAL for every reader.** Before the generated load, the run creates one wal2json slot per
+consumer (pg_recvlogical, the baseline, ssmd cdc publish-only, ssmd cdc end-to-end). The load is
+N single-row transactions, each `UPDATE markets SET title = ...` of a different row, committed
+one by one by a PL/pgSQL procedure. Each consumer then reads the same N transactions from its
+own slot.
+
+**Ceiling for reading.** `pg_recvlogical --start --endpos <LSN after the load> --file /dev/null`
+with the wal2json options ssmd cdc sends (format-version 2, include-xids, include-lsn,
+include-timestamp, include-transaction, include-pk, include-types, add-tables,
+add-msg-prefixes). Rate = N / elapsed seconds of the process.
+
+**ssmd cdc publish rate.** `ssmd cdc` alone against an empty stream on its own nats-server. The
+clock starts when the first change is in the stream and stops when all N are (stream state
+polled every 20 ms), so start-up (imports, connections, start-up checks) is excluded and shown
+separately.
+
+**End-to-end rate.** `ssmd cache` has warmed before the load and is idle; then `ssmd cdc` starts
+on its slot. The clock starts when the first change is in the stream and stops when Redis holds
+the last transaction's row (`GET` polled every 20 ms). The cache applies changes in stream
+order, so the last row arriving means all N arrived.
+
+**Commit-to-Redis latency.** With both daemons running and idle, a paced writer offers 1,000 and
+then 5,000 single-row UPDATE transactions per second (one `CALL` every 5 ms with the
+transactions due by then). Each UPDATE writes `clock_timestamp()` into the row's title while it
+runs, right before its COMMIT, so the commit time travels inside the row. A reader in its own
+process enables Redis keyspace notifications (`notify-keyspace-events K$`), subscribes to the
+market value keys, notes the arrival time of every `set`, reads the row, and takes latency =
+arrival time - stamp. Both clocks are the same host's system clock. The stamp is taken before
+COMMIT, so the figure includes the commit itself. Rows are reused only after the writer has gone
+round its ring of rows (several seconds), so the row read after a notification is the one that
+caused it.
+
+**Warm rate.** Time from starting `ssmd cache` on an empty Redis until its meta hash says
+`state=ready`, i.e. the exported-snapshot read of every followed table, encoding, versioned
+pipelined writes and the sweep, divided into the number of rows warm wrote. The ceiling is a
+pipelined `EVALSHA` of a compare-and-set script with the same key shape (value key and version
+key), the same batch size and values sampled from the rows the cache just wrote, as many keys
+as `markets` has rows, from one redis-py + hiredis client, into another Redis database.
+
+**Peak RSS.** `VmHWM` from `/proc/PID/status` of each daemon. Before one transaction that
+updates 200,000 rows (the small size uses fewer), the run resets the peak with
+`echo 5 > /proc/PID/clear_refs`, so the figure is the peak while that transaction is decoded,
+published and applied, not the peak of the warm. The peak since start is shown too.
+
+**Baseline.** The first plan's publisher: `pg_logical_slot_get_changes` in batches of 2,000
+rows, the same decoder and envelope, and `await js.publish(...)` for every message, so each
+message waits for its PubAck before the next is sent. It consumes the slot before publishing
+(unsafe) and re-reads nothing; it exists only to price awaiting every acknowledgement.
+"""

@@ -1,0 +1,405 @@
+"""The phases of one benchmark run, in order, each filling rows of the report.
+
+A phase that fails records its error in its rows and the run goes on, so one broken daemon does
+not hide every other figure. Phases run one at a time on purpose: the machine has two CPUs, and
+a measured consumer must not share them with another measured consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import io
+import pstats
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import redis
+
+from ssmd.bench import baseline, ceilings, workload
+from ssmd.bench.latency import summarize
+from ssmd.bench.report import Measurement, Report
+from ssmd.bench.stack import BenchStack, Daemon, wait_until
+from ssmd.bus.stream import StreamLimits, ensure_stream
+from ssmd.core.keys import KeySpace
+from ssmd.dev.sample import load_sample
+
+log = logging.getLogger(__name__)
+
+TABLES = ["events", "markets", "series_fees"]
+E2E_STREAM = "SECMASTER_CDC"
+PUBLISH_STREAM = "BENCH_PUBLISH"
+BASELINE_STREAM = "BENCH_BASELINE"
+SLOT_RECVLOGICAL = "bench_recvlogical"
+SLOT_BASELINE = "bench_baseline"
+SLOT_PUBLISH = "bench_cdc_publish"
+SLOT_E2E = "bench_cdc_e2e"
+STREAM_LABEL = "bench-stream"
+BIG_LABEL = "bench-big-txn"
+LATENCY_RING_MAX = 20_000
+CACHE_DB = 0
+CEILING_DB = 1
+WARM_BATCH_SIZE = 500
+SAMPLED_VALUES = 1000
+POLL_S = 0.02
+
+# Targets from the product brief; reported beside the figures, never asserted by tests.
+TARGET_E2E_RATIO = 0.3
+TARGET_P99_MS_AT_1000 = 25.0
+TARGET_WARM_RATIO = 0.5
+TARGET_RSS_MIB = 300.0
+
+
+@dataclass(frozen=True)
+class Size:
+    markets_rows: int
+    stream_transactions: int
+    big_transaction_rows: int
+    latency_seconds: float
+    phase_timeout_s: float
+
+
+SIZES = {
+    "small": Size(markets_rows=20_000, stream_transactions=5_000, big_transaction_rows=5_000, latency_seconds=2.0, phase_timeout_s=120.0),
+    "full": Size(markets_rows=1_000_000, stream_transactions=200_000, big_transaction_rows=200_000, latency_seconds=20.0, phase_timeout_s=900.0),
+}
+LATENCY_RATES = (1000, 5000)
+
+
+class BenchRun:
+    """One run: the stack, the daemons it started, and the report it fills."""
+
+    def __init__(self, stack: BenchStack, size: Size, report: Report, work_dir: Path, *, profile: bool = False) -> None:
+        self.stack = stack
+        self.size = size
+        self.report = report
+        self.work_dir = work_dir
+        self.profile = profile
+        self.dsn = stack.database_url
+        self.keyspace = KeySpace()
+        self.cache_url = f"{stack.redis.url}/{CACHE_DB}"
+        self.redis = redis.Redis.from_url(self.cache_url, protocol=2)
+        self.daemons: list[Daemon] = []
+        self.cache: Daemon | None = None
+        self.cdc_e2e: Daemon | None = None
+        self.end_lsn = ""
+        self.targets = 0
+        self.recvlogical_rate: float | None = None
+
+    # --- daemons ---------------------------------------------------------------------------
+
+    def _daemon(self, subcommand: str, name: str, environment: dict[str, str]) -> Daemon:
+        profile_path = self.work_dir / f"{name}.prof" if self.profile else None
+        daemon = Daemon.for_subcommand(subcommand, name, {"LOG_LEVEL": "INFO", "METRICS_PORT": "0", **environment}, self.work_dir, profile_path=profile_path)
+        self.daemons.append(daemon)
+        return daemon
+
+    def _cdc(self, name: str, nats_url: str, stream: str, slot: str) -> Daemon:
+        return self._daemon("cdc", name, {
+            "DATABASE_URL": self.dsn, "NATS_URL": nats_url, "NATS_STREAM": stream,
+            "REPLICATION_SLOT": slot, "CDC_TABLES": ",".join(TABLES),
+        })
+
+    def stop_daemons(self) -> None:
+        for daemon in reversed(self.daemons):
+            if daemon.running():
+                code = daemon.stop()
+                if code not in (0, None):
+                    log.warning("%s exited with code %s; log tail:\n%s", daemon.name, code, daemon.log_tail())
+
+    # --- phases ----------------------------------------------------------------------------
+
+    def load_data(self) -> None:
+        started = time.perf_counter()
+        counts = load_sample(self.dsn, markets=self.size.markets_rows, seed=1)
+        # The sentinel of the big transaction is one row past the rows it updates.
+        needed = max(self.size.stream_transactions, self.size.big_transaction_rows + 1)
+        self.targets = workload.prepare_targets(self.dsn, needed)
+        log.info("loaded sample data %s in %.1f s; %d target rows", counts.as_dict(), time.perf_counter() - started, self.targets)
+        self.counts = counts
+
+    def warm(self) -> None:
+        """Start the cache on an empty Redis, time its warm, then measure the CAS ceiling."""
+        warm = self.report.add(Measurement("ssmd cache warm (markets + events + fees)", "rows/s", ceiling_name="Redis EVALSHA CAS pipelined", target=TARGET_WARM_RATIO, target_kind="ratio_min"))
+        ceiling = self.report.add(Measurement("Redis EVALSHA CAS pipelined (ceiling)", "rows/s"))
+        try:
+            asyncio.run(self._create_stream(self.stack.nats_e2e.url, E2E_STREAM))
+            workload.create_slots(self.dsn, [SLOT_E2E])
+            self.cache = self._daemon("cache", "cache", {
+                "DATABASE_URL": self.dsn, "NATS_URL": self.stack.nats_e2e.url, "REDIS_URL": self.cache_url,
+                "NATS_STREAM": E2E_STREAM, "CDC_TABLES": ",".join(TABLES),
+            })
+            started = time.perf_counter()
+            self.cache.start()
+            wait_until(self._cache_ready, self.size.phase_timeout_s, "ssmd cache to finish its warm", interval=0.1, daemons=(self.cache,))
+            elapsed = time.perf_counter() - started
+            rows = int(self.redis.hget("secmaster:meta", "warm_rows") or 0)
+            if rows <= 0:
+                rows = self.counts.events + self.counts.markets + self.counts.series_fees
+            warm.value = rows / elapsed
+            warm.detail = f"{rows:,} rows in {elapsed:.1f} s from process start to state=ready (includes start-up and sweep)"
+        except Exception as exc:
+            warm.error = _short(exc)
+            log.exception("warm phase failed")
+            return
+
+        try:
+            values = self._sample_cached_values()
+            rate = ceilings.redis_cas_rate(f"{self.stack.redis.url}/{CEILING_DB}", values, rows, WARM_BATCH_SIZE)
+            ceiling.value = rate
+            warm.ceiling_value = rate
+            sizes = sorted(len(value) for value in values)
+            ceiling.detail = f"{rows:,} keys, batches of {WARM_BATCH_SIZE}, {len(values)} sampled values of median {sizes[len(sizes) // 2]} bytes"
+        except Exception as exc:
+            ceiling.error = _short(exc)
+            log.exception("Redis ceiling failed")
+
+    def generate_stream_load(self) -> None:
+        """Create every reader's slot, then commit the single-row transactions they all read."""
+        workload.create_slots(self.dsn, [SLOT_RECVLOGICAL, SLOT_BASELINE, SLOT_PUBLISH])
+        count = self.size.stream_transactions
+        elapsed = workload.run_update_each(self.dsn, 0, count - 1, STREAM_LABEL, count)
+        self.end_lsn = workload.current_wal_lsn(self.dsn)
+        log.info("committed %d single-row transactions in %.1f s (%.0f/s); end LSN %s", count, elapsed, count / elapsed, self.end_lsn)
+        self.report.add_section("Generated load", f"{count:,} single-row UPDATE transactions committed in {elapsed:.1f} s ({count / elapsed:,.0f} transactions/s) by one PL/pgSQL procedure; WAL end {self.end_lsn}.")
+
+    def recvlogical(self) -> None:
+        row = self.report.add(Measurement("pg_recvlogical to /dev/null (ceiling)", "changes/s"))
+        try:
+            elapsed = ceilings.run_pg_recvlogical(self.dsn, SLOT_RECVLOGICAL, self.end_lsn, TABLES, self.size.phase_timeout_s)
+            row.value = self.size.stream_transactions / elapsed
+            self.recvlogical_rate = row.value
+            row.detail = f"{self.size.stream_transactions:,} transactions in {elapsed:.2f} s, process start to exit at --endpos"
+        except Exception as exc:
+            row.error = _short(exc)
+            log.exception("pg_recvlogical failed")
+
+    def cdc_publish(self) -> None:
+        row = self.report.add(Measurement("ssmd cdc publish (PubAck'd)", "changes/s", ceiling_name="pg_recvlogical", ceiling_value=self.recvlogical_rate))
+        daemon = self._cdc("cdc-publish", self.stack.nats_publish.url, PUBLISH_STREAM, SLOT_PUBLISH)
+        try:
+            started = time.perf_counter()
+            daemon.start()
+            rate, first_at, elapsed = self._time_stream_fill(self.stack.nats_publish.url, PUBLISH_STREAM, daemon)
+            row.value = rate
+            row.detail = f"{self.size.stream_transactions:,} changes in {elapsed:.2f} s after the first reached the stream; start-up to first message {first_at - started:.1f} s"
+        except Exception as exc:
+            row.error = _short(exc)
+            log.exception("cdc publish phase failed")
+        finally:
+            self._stop(daemon)
+            asyncio.run(self._delete_stream(self.stack.nats_publish.url, PUBLISH_STREAM))
+
+    def baseline(self) -> None:
+        row = self.report.add(Measurement("baseline: one awaited publish per message", "changes/s", ceiling_name="pg_recvlogical", ceiling_value=self.recvlogical_rate))
+        try:
+            published, elapsed = asyncio.run(baseline.publish_awaited(self.dsn, SLOT_BASELINE, self.end_lsn, self.stack.nats_publish.url, BASELINE_STREAM, TABLES))
+            if published != self.size.stream_transactions:
+                raise RuntimeError(f"baseline published {published} changes, expected {self.size.stream_transactions}")
+            row.value = published / elapsed
+            row.detail = f"{published:,} changes in {elapsed:.1f} s"
+        except Exception as exc:
+            row.error = _short(exc)
+            log.exception("baseline phase failed")
+        finally:
+            asyncio.run(self._delete_stream(self.stack.nats_publish.url, BASELINE_STREAM))
+
+    def end_to_end(self) -> None:
+        row = self.report.add(Measurement("ssmd cdc + cache end to end (commit to Redis)", "changes/s", ceiling_name="pg_recvlogical", ceiling_value=self.recvlogical_rate, target=TARGET_E2E_RATIO, target_kind="ratio_min"))
+        try:
+            if self.cache is None or not self.cache.running():
+                raise RuntimeError("ssmd cache is not running (warm failed)")
+            count = self.size.stream_transactions
+            last_key = self._market_key(workload.target_ticker(self.dsn, (count - 1) % count))
+            last_title = f"{STREAM_LABEL} {count - 1} ".encode()
+            self.cdc_e2e = self._cdc("cdc", self.stack.nats_e2e.url, E2E_STREAM, SLOT_E2E)
+            started = time.perf_counter()
+            self.cdc_e2e.start()
+            daemons = (self.cdc_e2e, self.cache)
+            first_at = asyncio.run(self._wait_stream_messages(self.stack.nats_e2e.url, E2E_STREAM, 1, daemons))
+            wait_until(lambda: last_title in (self.redis.get(last_key) or b""), self.size.phase_timeout_s, "the last change in Redis", interval=POLL_S, daemons=daemons)
+            done_at = time.perf_counter()
+            row.value = count / (done_at - first_at)
+            row.detail = f"{count:,} changes in {done_at - first_at:.2f} s from the first in the stream to the last in Redis; start-up to first message {first_at - started:.1f} s"
+        except Exception as exc:
+            row.error = _short(exc)
+            log.exception("end-to-end phase failed")
+
+    def latency(self) -> None:
+        rows = {}
+        for rate in LATENCY_RATES:
+            target = TARGET_P99_MS_AT_1000 if rate == 1000 else None
+            rows[rate] = [
+                self.report.add(Measurement(f"latency p50 at {rate:,} changes/s", "ms")),
+                self.report.add(Measurement(f"latency p99 at {rate:,} changes/s", "ms", target=target, target_kind="max" if target else None)),
+                self.report.add(Measurement(f"latency max at {rate:,} changes/s", "ms")),
+            ]
+        for rate in LATENCY_RATES:
+            p50, p99, maximum = rows[rate]
+            try:
+                if self.cdc_e2e is None or not self.cdc_e2e.running() or self.cache is None or not self.cache.running():
+                    raise RuntimeError("ssmd cdc and ssmd cache are not both running")
+                summary, detail = self._measure_latency(rate)
+                p50.value, p99.value, maximum.value = summary["p50"], summary["p99"], summary["max"]
+                p99.detail = detail
+            except Exception as exc:
+                for measurement in (p50, p99, maximum):
+                    measurement.error = _short(exc)
+                log.exception("latency phase at %d/s failed", rate)
+
+    def peak_rss(self) -> None:
+        cdc_row = self.report.add(Measurement("ssmd cdc peak RSS during one big transaction", "MiB", target=TARGET_RSS_MIB, target_kind="below"))
+        cache_row = self.report.add(Measurement("ssmd cache peak RSS during one big transaction", "MiB", target=TARGET_RSS_MIB, target_kind="below"))
+        try:
+            daemons = (self.cdc_e2e, self.cache)
+            if any(daemon is None or not daemon.running() for daemon in daemons):
+                raise RuntimeError("ssmd cdc and ssmd cache are not both running")
+            lifetime = {daemon.name: daemon.memory_kib().get("VmHWM", 0) for daemon in daemons}
+            reset = all(daemon.reset_peak_rss() for daemon in daemons)
+            rows = self.size.big_transaction_rows
+            sentinel_key = self._market_key(workload.target_ticker(self.dsn, rows))
+            sentinel = f"{BIG_LABEL} done".encode()
+            commit_s = workload.run_big_transaction(self.dsn, rows, rows, BIG_LABEL)
+            committed_at = time.perf_counter()
+            wait_until(lambda: sentinel in (self.redis.get(sentinel_key) or b""), self.size.phase_timeout_s, "the big transaction in Redis", interval=POLL_S, daemons=daemons)
+            applied_s = time.perf_counter() - committed_at
+            for row, daemon in ((cdc_row, self.cdc_e2e), (cache_row, self.cache)):
+                peak = daemon.memory_kib().get("VmHWM", 0)
+                row.value = peak / 1024
+                scope = "peak reset before the transaction" if reset else "peak since start (reset refused)"
+                row.detail = f"{rows + 1:,} changes in one transaction, {scope}; peak since start {max(peak, lifetime[daemon.name]) / 1024:.0f} MiB"
+            self.report.add_section("Big transaction", f"One transaction updating {rows:,} rows plus a sentinel row: commit took {commit_s:.1f} s, then {applied_s:.1f} s until the cache held its last change ({(rows + 1) / applied_s:,.0f} changes/s).")
+        except Exception as exc:
+            cdc_row.error = cache_row.error = _short(exc)
+            log.exception("peak RSS phase failed")
+
+    def profiles(self) -> None:
+        """Add the top functions of each profiled daemon (after the daemons stopped)."""
+        for daemon in self.daemons:
+            path = self.work_dir / f"{daemon.name}.prof"
+            if not path.exists():
+                continue
+            buffer = io.StringIO()
+            stats = pstats.Stats(str(path), stream=buffer)
+            stats.strip_dirs().sort_stats("tottime").print_stats(20)
+            text = buffer.getvalue()
+            start = text.find("   ncalls")
+            self.report.add_section(f"Profile of {daemon.name} (cProfile, top 20 by own time)", "```\n" + text[start if start >= 0 else 0:].rstrip() + "\n```")
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _measure_latency(self, rate: int) -> tuple[dict, str]:
+        label = f"bench-latency-{rate}"
+        ring = min(self.targets, LATENCY_RING_MAX)
+        pattern = self.keyspace.namespace_pattern("market")
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "ssmd.bench.latency", self.cache_url, pattern, label],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            if reader.stderr.readline().strip() != "ready":
+                raise RuntimeError(f"latency reader failed to start: {reader.stderr.read()[-500:]}")
+            paced = workload.run_paced_updates(self.dsn, rate=rate, duration_s=self.size.latency_seconds, label=label, ring=ring)
+            output, errors = reader.communicate(f"{paced.sent}\n", timeout=self.size.phase_timeout_s)
+        except BaseException:
+            reader.kill()
+            reader.wait()
+            raise
+        if reader.returncode != 0:
+            raise RuntimeError(f"latency reader exited with code {reader.returncode}: {errors[-500:]}")
+        result = json.loads(output)
+        if not result["latencies_ms"]:
+            raise RuntimeError(f"no change reached Redis within the drain time ({paced.sent} sent)")
+        summary = summarize(result["latencies_ms"])
+        detail = (
+            f"{paced.sent:,} transactions offered at {paced.rate:,.0f}/s over {paced.elapsed_s:.1f} s "
+            f"(writer at most {paced.max_behind} behind schedule); {summary['count']:,} seen in Redis, "
+            f"{result['missing']} not seen within the drain time"
+        )
+        return summary, detail
+
+    def _cache_ready(self) -> bool:
+        return self.redis.hget("secmaster:meta", "state") == b"ready"
+
+    def _market_key(self, ticker: str) -> str:
+        return self.keyspace.row_value_key("public", "markets", {"ticker": ticker})
+
+    def _sample_cached_values(self) -> list[bytes]:
+        keys = []
+        for key in self.redis.scan_iter(match=self.keyspace.namespace_pattern("market"), count=1000):
+            keys.append(key)
+            if len(keys) >= SAMPLED_VALUES:
+                break
+        values = [value for value in self.redis.mget(keys) if value]
+        if not values:
+            raise RuntimeError("the cache holds no market rows to sample values from")
+        return values
+
+    def _time_stream_fill(self, nats_url: str, stream: str, daemon: Daemon) -> tuple[float, float, float]:
+        count = self.size.stream_transactions
+
+        async def measure() -> tuple[float, float, float]:
+            first_at = await self._wait_stream_messages(nats_url, stream, 1, (daemon,))
+            done_at = await self._wait_stream_messages(nats_url, stream, count, (daemon,))
+            return count / (done_at - first_at), first_at, done_at - first_at
+
+        return asyncio.run(measure())
+
+    async def _wait_stream_messages(self, nats_url: str, stream: str, count: int, daemons: tuple[Daemon, ...]) -> float:
+        """Return the perf_counter time at which `count` change messages were in the stream."""
+        timeout = self.size.phase_timeout_s
+        client = await nats.connect(nats_url, name="ssmd-bench-watch")
+        try:
+            js = client.jetstream()
+            deadline = time.monotonic() + timeout
+            while True:
+                if await _change_messages(js, stream) >= count:
+                    return time.perf_counter()
+                for daemon in daemons:
+                    daemon.check_running()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {count} messages in stream {stream}")
+                await asyncio.sleep(POLL_S)
+        finally:
+            await client.close()
+
+    async def _create_stream(self, nats_url: str, stream: str) -> None:
+        client = await nats.connect(nats_url, name="ssmd-bench-setup")
+        try:
+            await ensure_stream(client.jetstream(), stream, StreamLimits())
+        finally:
+            await client.close()
+
+    async def _delete_stream(self, nats_url: str, stream: str) -> None:
+        client = await nats.connect(nats_url, name="ssmd-bench-setup")
+        try:
+            await client.jetstream().delete_stream(stream)
+        except nats.js.errors.NotFoundError:
+            pass
+        finally:
+            await client.close()
+
+    def _stop(self, daemon: Daemon) -> None:
+        code = daemon.stop()
+        if code not in (0, None):
+            log.warning("%s exited with code %s; log tail:\n%s", daemon.name, code, daemon.log_tail())
+
+
+async def _change_messages(js, stream: str) -> int:
+    """Return how many messages of the stream carry changes (not `cdc._ssmd.*` control messages)."""
+    try:
+        info = await js.stream_info(stream, subjects_filter="cdc.>")
+    except nats.js.errors.NotFoundError:
+        return 0
+    subjects = info.state.subjects or {}
+    return sum(count for subject, count in subjects.items() if not subject.startswith("cdc._ssmd."))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
