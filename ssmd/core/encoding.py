@@ -161,10 +161,15 @@ def _string_from_text(text: str) -> JsonValue:
 
 def _array_converter(element_converter: TextConverter, delimiter: str) -> TextConverter:
     def convert_elements(elements: list[Any]) -> list[JsonValue]:
-        return [
-            convert_elements(element) if isinstance(element, list) else None if element is None else element_converter(element)
-            for element in elements
-        ]
+        converted: list[JsonValue] = []
+        for element in elements:
+            if isinstance(element, list):
+                converted.append(convert_elements(element))
+            elif element is None:
+                converted.append(None)
+            else:
+                converted.append(element_converter(element))
+        return converted
 
     def convert(text: str) -> JsonValue:
         return convert_elements(parse_array(text, delimiter))
@@ -232,9 +237,9 @@ def _wal2json_bytea(value: Any) -> JsonValue:
 
 
 def _wal2json_text(converter: TextConverter) -> ChangeConverter:
-    # wal2json 2.5 prints only the built-in integer, float and numeric types as JSON numbers and
-    # boolean as true/false (by type oid, so a domain over them is a string); every other value
-    # is a JSON string holding the type's text output.
+    # wal2json 2.5 picks the JSON form by type oid. Only the built-in integer, float and numeric
+    # types become JSON numbers and boolean becomes true/false, so a domain over them is a
+    # string. Every other value is a JSON string of the type's text output.
     def convert(value: Any) -> JsonValue:
         if not isinstance(value, str) or isinstance(value, JsonNumber):
             raise DecodeError(f"invalid wal2json value {value!r}: expected a string")

@@ -1,9 +1,9 @@
 """Stream messages: a `Change` as subject, JSON body and JetStream message id, and back.
 
 Subject `cdc.<table>.<op>`, where `<table>` is the table name for schema `public` and
-`<schema>_<table>` otherwise. The body is canonical JSON (sorted keys, exact numbers) with the
-fields `lsn` (commit LSN), `seq` (index in the transaction), `xid`, `schema`, `table`, `op`,
-`key`, `old_key` (only when an update changed the key), `data` (absent for delete and
+`<schema>_<table>` otherwise. The body is canonical JSON (sorted keys, exact numbers). Its
+fields are `lsn` (commit LSN), `seq` (index in the transaction), `xid`, `schema`, `table`,
+`op`, `key`, `old_key` (only when an update changed the key), `data` (absent for delete and
 truncate), `unchanged` (absent when empty) and `commit_time` (absent when wal2json gave none).
 The `Nats-Msg-Id` header is `<commit LSN>:<index>`, so a retried publish is deduplicated.
 

@@ -98,8 +98,8 @@ def default_namespace(schema: str, table: str) -> str:
 class KeySpace:
     """Redis key names under one prefix, with per-table namespace overrides.
 
-    `namespaces` and `key_columns` are keyed by `schema.table` (or by the bare table name for a
-    table in `public`); `key_columns` fixes the order of composite key parts.
+    `namespaces` and `key_columns` are keyed by `schema.table`, or by the bare table name for a
+    table in `public`. `key_columns` fixes the order of composite key parts.
     """
 
     prefix: str = DEFAULT_PREFIX

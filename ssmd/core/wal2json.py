@@ -11,8 +11,9 @@ PostgreSQL 15 that this module relies on:
   change inside the transaction);
 - a non-transactional logical message arrives on its own, outside any `B`/`C` pair, with a null
   xid;
-- `pk` lists the primary-key columns (empty when the table has none); an UPDATE or DELETE
-  carries `identity` with the old key columns, or every old column under REPLICA IDENTITY FULL;
+- `pk` lists the primary-key columns, and is empty when the table has none. An UPDATE or
+  DELETE carries `identity` with the old key columns, or every old column under REPLICA
+  IDENTITY FULL;
 - an UPDATE leaves out a TOASTed column it did not change, and numeric/float NaN and Infinity
   arrive as `null`, like SQL NULL. The publisher completes such columns before it publishes:
   `columns_to_fill` names them and `fill_columns` applies the old tuple or a re-read.
@@ -50,8 +51,8 @@ _ACTIONS = {"I": Op.INSERT, "U": Op.UPDATE, "D": Op.DELETE, "T": Op.TRUNCATE}
 class DecodedChange:
     """A decoded change with what the publisher needs to complete its row.
 
-    `old_row` is the canonical old tuple from `identity` (every column under REPLICA IDENTITY
-    FULL, only the key otherwise); `types` maps each column wal2json sent to its type name.
+    `old_row` is the canonical old tuple from `identity`: every column under REPLICA IDENTITY
+    FULL, only the key otherwise. `types` maps each column wal2json sent to its type name.
     """
 
     change: Change
@@ -62,7 +63,7 @@ class DecodedChange:
 class Wal2JsonDecoder:
     """Stateful decoder of one wal2json v2 stream; pure, fed one row of bytes at a time.
 
-    `tables` maps (schema, table) to its `TableInfo`; when given for a table, the decoder reports
+    `tables` lists the `TableInfo` of known tables. For a known table the decoder reports
     TOAST-omitted columns in `Change.unchanged` and uses its key columns when a row has no `pk`.
     With `only_known_tables`, changes of other tables are decoded to None (they still count in the
     transaction's index, so positions do not depend on the filter).
@@ -231,7 +232,7 @@ def _key_columns(message: dict[str, Any], info: TableInfo | None, old_row: Row |
     if info is not None and info.key_columns:
         return info.key_columns
     if old_row is not None and old_row:
-        # No primary key but a replica identity index: identity holds exactly its columns.
+        # No primary key but a replica identity index: identity contains exactly its columns.
         return tuple(old_row)
     raise DecodeError("row has no primary key, no known key columns and no identity: add a primary key to the table")
 
