@@ -3,7 +3,8 @@
 A change's position is (commit LSN of its transaction, index of the change inside that
 transaction). A change's own LSN is not used: a transaction that commits later can carry lower
 change LSNs than one that committed earlier, so only the commit position orders transactions.
-A warm row carries (S, 0), where S is the consistent point of the warm snapshot.
+A warm row carries `warm_version(S)`, just below (S, 0), where S is the consistent point of the
+warm snapshot.
 
 Redis Lua scripts compare versions as strings, because Lua numbers are doubles and cannot hold
 a 64-bit LSN. `pack` therefore yields fixed-width upper-case hex whose string order equals the
@@ -61,5 +62,13 @@ class Position:
 
 
 def warm_version(snapshot_lsn: Lsn) -> Position:
-    """Return the version of a row read from the snapshot whose consistent point is `snapshot_lsn`."""
-    return Position(snapshot_lsn, 0)
+    """Return the version of a row read from the snapshot whose consistent point is `snapshot_lsn`.
+
+    The version is (S - 1, MAX_INDEX): above every change of a transaction that committed before
+    S (those are in the snapshot) and below every change at or after S. It cannot be (S, 0),
+    because the first transaction after the snapshot may have its commit record exactly at S,
+    and its first change at (S, 0) would then lose against the warm row it must replace.
+    """
+    if snapshot_lsn.value == 0:
+        raise ValueError("snapshot LSN 0/0 is not a consistent point")
+    return Position(Lsn(snapshot_lsn.value - 1), MAX_INDEX)

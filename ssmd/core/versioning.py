@@ -1,8 +1,8 @@
 """The rules that keep every cached key at its newest version.
 
 Each Redis entry carries the version of what it holds: the position (commit LSN, index) of the
-change that wrote it, or (S, 0) for a row read from the warm snapshot whose consistent point is
-S. A delete keeps its version as a tombstone, because without it a warm writer that read the row
+change that wrote it, or `warm_version(S)` (just below (S, 0)) for a row read from the warm
+snapshot whose consistent point is S. A delete keeps its version as a tombstone, because without it a warm writer that read the row
 before the delete would bring the row back. TRUNCATE raises a per-namespace floor, so a late
 redelivery from before the truncate cannot write a row again.
 
@@ -93,8 +93,8 @@ def in_snapshot(commit_lsn: Lsn, snapshot_lsn: Lsn) -> bool:
 def should_sweep(version: Position, snapshot_lsn: Lsn) -> bool:
     """Return whether the sweep after a warm at `snapshot_lsn` removes a key at `version`.
 
-    A value or tombstone older than (S, 0) was neither written by this warm nor by a change the
-    snapshot does not contain, so its row is absent from the database at S or was rewritten.
+    A value or tombstone older than the warm version was neither written by this warm nor by a
+    change the snapshot does not contain, so its row is absent from the database at S.
     """
     return version < warm_version(snapshot_lsn)
 

@@ -124,3 +124,13 @@ def test_stream_gap_detection():
     assert not has_stream_gap(0, 1)
     assert not has_stream_gap(5, 3)
     assert has_stream_gap(5, 7)
+
+
+def test_change_at_snapshot_point_replaces_warm_row():
+    """The first transaction after the snapshot can commit exactly at S."""
+    snapshot = Lsn.parse("1/0")
+    warm_row = apply_upsert(None, b"warm", warm_version(snapshot))
+    assert not in_snapshot(snapshot, snapshot)
+    assert apply_upsert(warm_row, b"change", Position(snapshot, 0)) == Entry(b"change", Position(snapshot, 0))
+    assert apply_upsert(warm_row, b"older", pos("0/FFFFFFF8", 3)) is None
+    assert not should_sweep(warm_version(snapshot), snapshot)
