@@ -1,7 +1,7 @@
 """Both paths encode identically on a real PostgreSQL 15 with wal2json 2.5.
 
 The database's default DateStyle and TimeZone are set to non-ISO, non-UTC values, so an
-unpinned session would render dates differently; the slot-reading and warm sessions pin their
+unpinned session would render dates differently. The slot-reading and warm sessions pin their
 settings the way the daemons do (`ssmd.pg.connect`).
 """
 
@@ -229,3 +229,44 @@ def test_text_cast_differs_from_output_function(database, fresh_slot_name):
     assert (copied["b"], copied["ch"]) == ("t", "ab   ")
     with pytest.raises(DecodeError):
         TextRowEncoder([("b", "boolean")]).encode([cast[0]])
+
+
+TOAST_SCHEMA = """
+CREATE TABLE markets (ticker text PRIMARY KEY, status text, price numeric, notes text);
+ALTER TABLE markets ALTER COLUMN notes SET STORAGE EXTERNAL;
+"""
+# 10 KB of md5 hex: incompressible enough, and EXTERNAL storage keeps it out of line anyway.
+LONG_NOTES = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 320) AS i)"
+
+
+@pytest.mark.parametrize("replica_identity", ["DEFAULT", "FULL"])
+def test_toast_omitted_column_filled(database, fresh_slot_name, replica_identity):
+    with connect(database) as conn:
+        conn.execute(TOAST_SCHEMA)
+        conn.execute(f"ALTER TABLE markets REPLICA IDENTITY {replica_identity}")
+        conn.execute(f"INSERT INTO markets VALUES ('TEST-1', 'open', 'NaN', {LONG_NOTES})")
+        table = load_table(conn, "markets")
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (fresh_slot_name,))
+        conn.execute("UPDATE markets SET status = 'closed'")
+        conn.execute("DELETE FROM markets")
+        rows = slot_rows(conn, fresh_slot_name, consume=True)
+        notes = conn.execute(f"SELECT {LONG_NOTES}").fetchone()[0]
+
+    decoder = Wal2JsonDecoder([table])
+    update, delete = [decoded for decoded in (decoder.decode_row(row.encode()) for row in rows) if isinstance(decoded, DecodedChange)]
+    assert len(notes) == 10240
+    assert update.change.unchanged == ("notes",)
+    assert columns_to_fill(update) == ("notes", "price")
+    assert delete.change.key == {"ticker": "TEST-1"}
+
+    from_old_tuple = fill_columns(update, None)
+    if replica_identity == "FULL":
+        assert from_old_tuple.data["notes"] == notes
+        assert from_old_tuple.unchanged == ("price",)
+    else:
+        assert from_old_tuple.unchanged == ("notes", "price")
+    reread = fill_columns(update, {"notes": notes, "price": "NaN"})
+    assert reread.data["notes"] == notes
+    assert reread.data["price"] == "NaN"
+    assert reread.data["status"] == "closed"
+    assert reread.unchanged == ()
