@@ -172,7 +172,7 @@ class Wal2JsonDecoder:
 def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: Begin, info: TableInfo | None) -> DecodedChange:
     schema = message["schema"]
     table = message["table"]
-    change_lsn = _required_lsn(message, "lsn") if "lsn" in message else None
+    change_lsn = _change_lsn(message)
     common = dict(op=op, schema=schema, table=table, position=position, xid=begin.xid, commit_time=begin.commit_time, change_lsn=change_lsn)
     if op is Op.TRUNCATE:
         return DecodedChange(Change(**common), None, {})
@@ -202,6 +202,15 @@ def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: B
             types.setdefault(column.name, column.type_name)
     change = Change(**common, key=key, old_key=old_key, data=new_row, unchanged=unchanged)
     return DecodedChange(change, old_row, types)
+
+
+def _change_lsn(message: dict[str, Any]) -> Lsn | None:
+    text = message.get("lsn")
+    if text is None:
+        return None
+    if not isinstance(text, str) or isinstance(text, JsonNumber):
+        raise DecodeError(f"invalid 'lsn' {text!r}: expected text like '16/B374D848'")
+    return Lsn.parse(text)
 
 
 def _canonical_columns(columns: Any, field: str, types: dict[str, str]) -> Row:

@@ -307,6 +307,8 @@ def test_pk_empty_falls_back_to_table_info():
         ([begin(1, "0/20", "0/30"), begin(2, "0/40", "0/50")], "still open"),
         ([commit(1, "0/20", "0/30")], "without a B row"),
         ([begin(1, "0/20", "0/30"), commit(2, "0/40", "0/50")], "does not match"),
+        ([begin(1, "0/20", "0/30"), change("I", 1, "zz", columns=market_columns())], "invalid LSN 'zz'"),
+        ([begin(1, "0/20", "0/30"), change("I", 1, "zz", columns=market_columns())], "(lsn zz, table public.markets)"),
         ([b'{"action":"B","xid":1,"lsn":"0/20"}'], "'nextlsn'"),
         ([b'{"action":"B","xid":1,"lsn":"zz","nextlsn":"0/30"}'], "invalid 'lsn'"),
         ([b'{"action":"B","xid":"1","lsn":"0/20","nextlsn":"0/30"}'], "'xid'"),
