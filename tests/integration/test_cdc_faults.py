@@ -1,0 +1,189 @@
+"""`ssmd cdc` under faults: crashes around PubAcks, lost PubAcks, restarts and server outages.
+
+The crash tests use the test-only hook SSMD_FAULT_EXIT_AFTER_ACKS=N (the daemon calls os._exit
+right after its N-th PubAck, before it can confirm the slot) or SIGKILL while NATS is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+
+from ssmd.core.lsn import Lsn
+from ssmd.cdc.daemon import FAULT_EXIT_CODE
+from tests.integration.cdc_support import (
+    MARKETS_SCHEMA, CdcProcess, changes, read_stream, run_sql, slot_state, wait_streaming, wait_until,
+)
+
+THREE_CHANGES = (
+    "BEGIN; INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL), ('TEST-2', 'EV-1', 'open', 2, 2, NULL); "
+    "UPDATE markets SET status = 'halted' WHERE ticker = 'TEST-1'; COMMIT"
+)
+
+
+@pytest.fixture
+def env(ssmd_env):
+    run_sql(ssmd_env["DATABASE_URL"], MARKETS_SCHEMA)
+    return ssmd_env
+
+
+def _start(env, tmp_path, *args, **extra_env) -> CdcProcess:
+    process = CdcProcess(env, tmp_path / "cdc.log", *args, extra_env=extra_env)
+    wait_streaming(env["DATABASE_URL"], env["REPLICATION_SLOT"], process)
+    return process
+
+
+def _changes(env):
+    return changes(read_stream(env["NATS_URL"], env["NATS_STREAM"]))
+
+
+def _wait_changes(env, count, process):
+    return wait_until(lambda: (found := _changes(env)) and len(found) >= count and found, 30, f"{count} changes", process, interval=0.3)
+
+
+def _confirmed(env) -> Lsn:
+    return slot_state(env["DATABASE_URL"], env["REPLICATION_SLOT"])[0]
+
+
+def _assert_one_copy_each(messages):
+    ids = [message.msg_id for message in messages]
+    assert len(ids) == len(set(ids)), f"duplicate message ids in the stream: {ids}"
+
+
+def test_crash_after_two_of_three_acks(env, tmp_path):
+    process = _start(env, tmp_path, SSMD_FAULT_EXIT_AFTER_ACKS="2")
+    before = _confirmed(env)
+    run_sql(env["DATABASE_URL"], THREE_CHANGES)
+    assert process.wait(30) == FAULT_EXIT_CODE, process.log_text()[-3000:]
+
+    stored = _changes(env)
+    assert 2 <= len(stored) <= 3  # the third publish may have reached the stream before the exit
+    commit_lsn = Lsn.parse(stored[0].body["lsn"])
+    assert _confirmed(env) == before
+    assert _confirmed(env) <= commit_lsn
+
+    process = _start(env, tmp_path)
+    messages = _wait_changes(env, 3, process)
+    wait_until(lambda: _confirmed(env) > commit_lsn, 30, "slot confirmed past the transaction", process)
+    assert process.terminate() == 0
+
+    assert len(messages) == 3
+    _assert_one_copy_each(messages)
+    assert [m.msg_id for m in messages] == [f"{commit_lsn}:0", f"{commit_lsn}:1", f"{commit_lsn}:2"]
+
+
+def test_crash_before_any_ack(env, tmp_path, nats_server):
+    process = _start(env, tmp_path)
+    before = _confirmed(env)
+    nats_server.stop()
+    try:
+        run_sql(env["DATABASE_URL"], THREE_CHANGES)
+        wait_until(lambda: "publish failed, retrying" in process.log_text(), 30, "a failed publish", process)
+        process.kill()
+        assert _confirmed(env) == before
+    finally:
+        nats_server.restart()
+
+    process = _start(env, tmp_path)
+    messages = _wait_changes(env, 3, process)
+    assert process.terminate() == 0
+    assert [int(m.body["seq"]) for m in messages] == [0, 1, 2]
+    _assert_one_copy_each(messages)
+    assert _confirmed(env) > Lsn.parse(messages[0].body["lsn"])
+
+
+def test_restart_replays_and_stream_dedupes(env, tmp_path):
+    # Exiting right after the last PubAck leaves the slot unconfirmed, so the restart replays all.
+    process = _start(env, tmp_path, SSMD_FAULT_EXIT_AFTER_ACKS="3")
+    before = _confirmed(env)
+    run_sql(env["DATABASE_URL"], THREE_CHANGES)
+    assert process.wait(30) == FAULT_EXIT_CODE
+    first = _changes(env)
+    assert len(first) == 3
+    assert _confirmed(env) == before
+
+    process = _start(env, tmp_path, "--metrics-port", "0")
+    commit_lsn = Lsn.parse(first[0].body["lsn"])
+    wait_until(lambda: _confirmed(env) > commit_lsn, 30, "slot confirmed after the replay", process)
+    assert process.terminate() == 0
+
+    again = _changes(env)
+    assert [(m.seq, m.msg_id, m.data) for m in again] == [(m.seq, m.msg_id, m.data) for m in first]
+
+
+def test_lost_pub_ack_is_retried_once_stored(env, tmp_path):
+    process = _start(env, tmp_path, SSMD_FAULT_DROP_ACKS="2")
+    run_sql(env["DATABASE_URL"], THREE_CHANGES)
+    messages = _wait_changes(env, 3, process)
+    commit_lsn = Lsn.parse(messages[0].body["lsn"])
+    wait_until(lambda: _confirmed(env) > commit_lsn, 30, "slot confirmed after the retries", process)
+    assert process.terminate() == 0
+
+    assert len(_changes(env)) == 3
+    _assert_one_copy_each(_changes(env))
+    assert process.log_text().count("retrying with the same id") == 2
+
+
+def test_replay_from_older_position_is_identical(env, tmp_path, pg_server):
+    # A copy of the slot taken before any change replays the same transactions later.
+    url = env["DATABASE_URL"]
+    process = _start(env, tmp_path)
+    copy_slot = env["REPLICATION_SLOT"][:40] + "_copy"
+    run_sql(url, f"SELECT pg_copy_logical_replication_slot('{env['REPLICATION_SLOT']}', '{copy_slot}')")
+    run_sql(url, THREE_CHANGES, "DELETE FROM markets WHERE ticker = 'TEST-2'")
+    first = _wait_changes(env, 4, process)
+    assert process.terminate() == 0
+    asyncio.run(_delete_stream(env["NATS_URL"], env["NATS_STREAM"]))
+
+    process = _start({**env, "REPLICATION_SLOT": copy_slot}, tmp_path)
+    replayed = _wait_changes(env, 4, process)
+    assert process.terminate() == 0
+
+    assert [(m.msg_id, m.subject, m.data) for m in replayed] == [(m.msg_id, m.subject, m.data) for m in first]
+
+
+def test_sigterm_confirms_what_is_acknowledged(env, tmp_path):
+    process = _start(env, tmp_path, "--status-interval", "600")
+    run_sql(env["DATABASE_URL"], THREE_CHANGES)
+    messages = _wait_changes(env, 3, process)
+    assert process.terminate() == 0
+
+    assert _confirmed(env) > Lsn.parse(messages[0].body["lsn"])
+    log = process.log_text()
+    assert "stopping after confirming what is acknowledged" in log
+    assert "ssmd cdc stopped" in log
+
+
+def test_reconnects_after_postgres_restart(env, tmp_path, pg_server):
+    process = _start(env, tmp_path)
+    run_sql(env["DATABASE_URL"], "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL)")
+    _wait_changes(env, 1, process)
+    pg_server.restart()
+    run_sql(env["DATABASE_URL"], "INSERT INTO markets VALUES ('TEST-2', 'EV-1', 'open', 1, 1, NULL)")
+    messages = _wait_changes(env, 2, process)
+    assert process.terminate() == 0
+
+    assert [m.body["key"]["ticker"] for m in messages] == ["TEST-1", "TEST-2"]
+    assert "session failed, reconnecting" in process.log_text()
+
+
+def test_reconnects_after_nats_restart(env, tmp_path, nats_server):
+    process = _start(env, tmp_path)
+    run_sql(env["DATABASE_URL"], "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL)")
+    _wait_changes(env, 1, process)
+    nats_server.restart()
+    run_sql(env["DATABASE_URL"], "INSERT INTO markets VALUES ('TEST-2', 'EV-1', 'open', 1, 1, NULL)")
+    messages = _wait_changes(env, 2, process)
+    assert process.terminate() == 0
+
+    assert [m.body["key"]["ticker"] for m in messages] == ["TEST-1", "TEST-2"]
+
+
+async def _delete_stream(url: str, name: str) -> None:
+    client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        await client.jetstream().delete_stream(name)
+    finally:
+        await client.close()
