@@ -34,7 +34,7 @@ def connect_redis(url: str, *, name: str = "ssmd") -> Redis:
     """
     try:
         return Redis.from_url(
-            url, protocol=2, lib_name=None, lib_version=None, client_name=name,
+            url, protocol=2, driver_info=None, client_name=name,
             health_check_interval=30, socket_keepalive=True,
         )
     except ValueError as exc:
