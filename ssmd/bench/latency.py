@@ -1,6 +1,6 @@
 """Commit-to-Redis latency reader: keyspace notifications, one timestamp per arrival.
 
-Run as `python -m ssmd.bench.latency REDIS_URL KEY_PATTERN LABEL` in its own process, so the
+Run as `python -m ssmd.bench.latency REDIS_URL KEY_PATTERN LABEL DRAIN_S` in its own process, so the
 paced writer and the reader do not share one interpreter. It turns on keyspace notifications
 for string commands (`notify-keyspace-events K$`), subscribes to the value keys of the pattern,
 and for every `set` notes the arrival time, then GETs the keys that arrived (one pipeline per
@@ -11,7 +11,7 @@ A key is updated again only after the writer went round its ring of rows (severa
 the rates used), so the value read right after a notification is the value that caused it.
 
 The parent writes the number of seqs it sent to stdin; the reader then waits until it has seen
-all of them or until the drain timeout, and prints one JSON object on stdout:
+all of them or for DRAIN_S more seconds, and prints one JSON object on stdout:
 `{"latencies_ms": [...], "missing": N, "stale": N}`.
 """
 
@@ -24,8 +24,6 @@ import threading
 import time
 
 import redis
-
-DRAIN_TIMEOUT_S = 15.0
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -41,7 +39,7 @@ def summarize(latencies_ms: list[float]) -> dict[str, float]:
     return {"p50": percentile(values, 0.50), "p99": percentile(values, 0.99), "max": values[-1], "count": len(values)}
 
 
-def read_arrivals(redis_url: str, key_pattern: str, label: str) -> dict:
+def read_arrivals(redis_url: str, key_pattern: str, label: str, drain_s: float) -> dict:
     client = redis.Redis.from_url(redis_url, protocol=2)
     reader = redis.Redis.from_url(redis_url, protocol=2)
     client.config_set("notify-keyspace-events", "K$")
@@ -78,7 +76,7 @@ def read_arrivals(redis_url: str, key_pattern: str, label: str) -> dict:
                 first_arrival[seq] = (arrived - committed) * 1000.0
         if expected:
             if drain_deadline is None:
-                drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S
+                drain_deadline = time.monotonic() + drain_s
             if len(first_arrival) >= expected[0] or time.monotonic() > drain_deadline:
                 break
 
@@ -90,8 +88,8 @@ def read_arrivals(redis_url: str, key_pattern: str, label: str) -> dict:
 
 
 def main() -> int:
-    redis_url, key_pattern, label = sys.argv[1:4]
-    result = read_arrivals(redis_url, key_pattern, label)
+    redis_url, key_pattern, label, drain_s = sys.argv[1:5]
+    result = read_arrivals(redis_url, key_pattern, label, float(drain_s))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

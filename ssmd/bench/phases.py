@@ -62,11 +62,12 @@ class Size:
     big_transaction_rows: int
     latency_seconds: float
     phase_timeout_s: float
+    drain_timeout_s: float
 
 
 SIZES = {
-    "small": Size(markets_rows=20_000, stream_transactions=5_000, big_transaction_rows=5_000, latency_seconds=2.0, phase_timeout_s=120.0),
-    "full": Size(markets_rows=1_000_000, stream_transactions=200_000, big_transaction_rows=200_000, latency_seconds=20.0, phase_timeout_s=900.0),
+    "small": Size(markets_rows=20_000, stream_transactions=5_000, big_transaction_rows=5_000, latency_seconds=2.0, phase_timeout_s=120.0, drain_timeout_s=30.0),
+    "full": Size(markets_rows=1_000_000, stream_transactions=200_000, big_transaction_rows=200_000, latency_seconds=20.0, phase_timeout_s=900.0, drain_timeout_s=120.0),
 }
 LATENCY_RATES = (1000, 5000)
 
@@ -298,7 +299,7 @@ class BenchRun:
         ring = min(self.targets, LATENCY_RING_MAX)
         pattern = self.keyspace.namespace_pattern("market")
         reader = subprocess.Popen(
-            [sys.executable, "-m", "ssmd.bench.latency", self.cache_url, pattern, label],
+            [sys.executable, "-m", "ssmd.bench.latency", self.cache_url, pattern, label, str(self.size.drain_timeout_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
@@ -319,7 +320,7 @@ class BenchRun:
         detail = (
             f"{paced.sent:,} transactions offered at {paced.rate:,.0f}/s over {paced.elapsed_s:.1f} s "
             f"(writer at most {paced.max_behind} behind schedule); {summary['count']:,} seen in Redis, "
-            f"{result['missing']} not seen within the drain time"
+            f"{result['missing']} not seen within {self.size.drain_timeout_s:.0f} s after the writer stopped"
         )
         return summary, detail
 

@@ -1,0 +1,93 @@
+"""Smoke run of `ssmd bench --size small`: every table row is produced with a number.
+
+This checks the harness, not the speed: no figure is compared with a target here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EXPECTED_ROWS = (
+    "ssmd cache warm (markets + events + fees)",
+    "Redis EVALSHA CAS pipelined (ceiling)",
+    "pg_recvlogical to /dev/null (ceiling)",
+    "ssmd cdc publish (PubAck'd)",
+    "baseline: one awaited publish per message",
+    "ssmd cdc + cache end to end (commit to Redis)",
+    "latency p50 at 1,000 changes/s",
+    "latency p99 at 1,000 changes/s",
+    "latency max at 1,000 changes/s",
+    "latency p50 at 5,000 changes/s",
+    "latency p99 at 5,000 changes/s",
+    "latency max at 5,000 changes/s",
+    "ssmd cdc peak RSS during one big transaction",
+    "ssmd cache peak RSS during one big transaction",
+)
+ROWS_WITH_CEILING = (
+    "ssmd cache warm (markets + events + fees)",
+    "ssmd cdc publish (PubAck'd)",
+    "baseline: one awaited publish per message",
+    "ssmd cdc + cache end to end (commit to Redis)",
+)
+
+
+def results_table(markdown: str) -> dict[str, list[str]]:
+    """Return the cells of the `## Results` table by measurement name."""
+    section = markdown.split("## Results", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if not line.startswith("| ") or line.startswith("| measurement"):
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def as_number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "ssmd", "bench", "--size", "small", "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    return result, output
+
+
+def test_small_run_exits_zero(small_run):
+    result, _ = small_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_small_run_has_every_row(small_run):
+    _, output = small_run
+    rows = results_table(output.read_text())
+    for name in EXPECTED_ROWS:
+        assert name in rows, f"row {name!r} missing from the results table"
+        assert as_number(rows[name][1]) > 0, f"row {name!r} has no positive value: {rows[name][1]!r}"
+
+
+def test_small_run_ratios_use_same_run_ceiling(small_run):
+    _, output = small_run
+    rows = results_table(output.read_text())
+    for name in ROWS_WITH_CEILING:
+        ceiling_name, _, ceiling_text = rows[name][3].rpartition(": ")
+        assert ceiling_name, f"row {name!r} has no ceiling"
+        ratio = as_number(rows[name][4])
+        assert ratio == pytest.approx(as_number(rows[name][1]) / as_number(ceiling_text), rel=0.02, abs=0.006)
+
+
+def test_small_run_describes_machine(small_run):
+    _, output = small_run
+    text = output.read_text()
+    for item in ("CPUs (nproc)", "CPU model", "memory", "PostgreSQL", "wal2json", "nats-server", "redis-server", "Python package redis"):
+        assert f"| {item} |" in text, f"machine item {item!r} missing"
+    assert "## Method" in text
