@@ -1,0 +1,25 @@
+# Targets for developers and CI. Each one installs what is missing first (scripts/install.sh).
+
+PYTHON ?= python
+DEMO_SECONDS ?= 30
+PYTEST_ARGS ?=
+
+.PHONY: install test demo dev-up dev-down
+
+install:
+	PYTHON=$(PYTHON) scripts/install.sh
+
+# pytest exits 5 when it collected no tests; a run that tested nothing is a failure here.
+test: install
+	@status=0; $(PYTHON) -m pytest tests $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
+
+demo: install
+	DEMO_SECONDS=$(DEMO_SECONDS) $(PYTHON) -m ssmd.dev.demo
+
+dev-up: install
+	$(PYTHON) -m ssmd dev up
+
+dev-down:
+	$(PYTHON) -m ssmd dev down
