@@ -80,6 +80,7 @@ class Database:
         self.slot_exists = False
         self.slot_confirmed = 0
         self.slot_point = 0  # consistent point of the current slot
+        self.slot_announced = False  # the publisher's `slot_created` message for it got its PubAck
 
     # --- WAL --------------------------------------------------------------------------------
 
@@ -162,6 +163,7 @@ class Database:
 
     def create_slot(self) -> int:
         self.slot_exists = True
+        self.slot_announced = False
         self.slot_point = self.wal_end
         self.slot_confirmed = self.wal_end
         return self.slot_point

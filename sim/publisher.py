@@ -24,7 +24,7 @@ SLOT_NAME = "ssmd_cdc"
 class Outgoing:
     message: Message
     position: Position | None  # None for a control message
-    change_lsn: int
+    change_lsn: int  # for a control message: the consistent point it announces
     commit_time: int
 
 
@@ -50,12 +50,17 @@ class Publisher:
         self.tracker = AckTracker()
         self.cursor = None
         self.outbox = []
-        if db.slot_exists:
-            return "publisher start"
-        point = db.create_slot()
-        message = encode_slot_created(SLOT_NAME, Lsn(point))
-        self.outbox.append(Outgoing(message, None, 0, now))
-        return f"publisher start, slot created at {Lsn(point)}"
+        line = "publisher start"
+        if not db.slot_exists:
+            db.create_slot()
+            line = f"publisher start, slot created at {Lsn(db.slot_point)}"
+
+        # NOTE: the announcement must survive a crash between creating the slot and its PubAck,
+        # so every start repeats it until acknowledged; the model keeps that mark in `db`.
+        if not db.slot_announced:
+            message = encode_slot_created(SLOT_NAME, Lsn(db.slot_point))
+            self.outbox.append(Outgoing(message, None, db.slot_point, now))
+        return line
 
     def can_receive(self, db: Database) -> bool:
         return self.up and db.next_decoded(self.cursor) is not None
@@ -119,9 +124,11 @@ class Publisher:
     def pop_outgoing(self, index: int) -> Outgoing:
         return self.outbox.pop(index)
 
-    def acknowledged(self, outgoing: Outgoing) -> None:
+    def acknowledged(self, db: Database, outgoing: Outgoing) -> None:
         if outgoing.position is not None:
             self.tracker.acked(outgoing.position)
+        elif outgoing.change_lsn == db.slot_point:
+            db.slot_announced = True
 
     def can_confirm(self, db: Database) -> bool:
         confirmable = self.tracker.confirmable()
@@ -138,12 +145,12 @@ class Publisher:
         unacknowledged = tuple(
             Lsn(transaction.commit_lsn)
             for transaction in db.committed_between(db.slot_confirmed, lsn)
-            if not self._all_stored(transaction)
+            if not self.all_stored(transaction)
         )
         self.confirmations.append(SlotConfirmation(Lsn(lsn), unacknowledged))
         db.slot_confirmed = max(db.slot_confirmed, lsn)
 
-    def _all_stored(self, transaction: Transaction) -> bool:
+    def all_stored(self, transaction: Transaction) -> bool:
         stored = self.stored_ids
         commit = Lsn(transaction.commit_lsn)
         return all(Position(commit, index).message_id() in stored for index in range(len(transaction.changes)))

@@ -237,7 +237,7 @@ class World:
         if lose_ack:
             self.publisher.outbox.append(outgoing)
             return f"publish {outgoing.message.msg_id} {verb}, PubAck lost"
-        self.publisher.acknowledged(outgoing)
+        self.publisher.acknowledged(self.db, outgoing)
         return f"publish {outgoing.message.msg_id} {verb} seq={self.stream.last_seq}"
 
     def consume(self, pick: int = 0) -> str:
@@ -275,11 +275,21 @@ class World:
         return "admin recreates the stream"
 
     def start_publisher(self) -> str:
-        had_slot = self.db.slot_exists
-        line = self.publisher.start(self.db, self.now)
-        if not had_slot:
-            self.gaps.append(Gap(self.now, "slot recreated"))
-        return line
+        if not self.db.slot_exists:
+            self._record_slot_loss()
+        return self.publisher.start(self.db, self.now)
+
+    def _record_slot_loss(self) -> None:
+        """Record a gap for transactions the dropped slot never got into the stream."""
+        confirmed = max(self.db.slot_confirmed, self.db.slot_point)
+        lost = [
+            transaction
+            for transaction in self.db.committed_between(confirmed, self.db.wal_end)
+            if not self.publisher.all_stored(transaction)
+        ]
+        if lost:
+            latest = max(transaction.commit_time for transaction in lost)
+            self.gaps.append(Gap(latest, f"slot dropped; {len(lost)} transactions never reached the stream"))
 
     # --- scheduler --------------------------------------------------------------------------
 
