@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nats
 import psycopg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ssmd.core.jsontext import loads
 from ssmd.core.lsn import Lsn
@@ -137,7 +138,9 @@ async def _read_stream(url: str, stream: str, subject: str | None) -> list[Strea
         info = await js.stream_info(stream)
         if info.state.messages == 0:
             return []
-        subscription = await js.pull_subscribe(subject or ">", stream=stream)
+        # No acks: an ephemeral consumer with explicit acks stops at max_ack_pending (1000).
+        config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
+        subscription = await js.pull_subscribe(subject or ">", stream=stream, config=config)
         messages: list[StreamMessage] = []
         while True:
             try:
