@@ -26,12 +26,12 @@ import time
 from dataclasses import dataclass, field
 
 import nats.errors
+import nats.js.errors
 import psycopg
 
 from ssmd.bus.connect import NatsAuth, connect_nats
 from ssmd.bus.publisher import Publisher, PublishSettings, backoff_delay
 from ssmd.bus.stream import StreamLimits, ensure_stream
-from ssmd.cdc.marks import encode_mark
 from ssmd.cdc.pipeline import ChangePipeline
 from ssmd.config import redact_url
 from ssmd.core.confirm import AckTracker
@@ -74,7 +74,8 @@ class CdcSettings:
     metrics_port: int = 0
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 30.0
-    shutdown_timeout_s: float = 10.0
+    shutdown_timeout_s: float = 10.0  # max wait for outstanding PubAcks at shutdown
+    stop_grace_s: float = 2.0  # max wait for the read loop to notice a stop signal
 
 
 @dataclass
@@ -129,7 +130,7 @@ class CdcDaemon:
         while not self.stop.is_set():
             session = _Session()
             try:
-                await self._session(session)
+                await self._run_until_stopped(self._session(session))
                 failures = 0
             except ConfigError:
                 raise
@@ -143,6 +144,33 @@ class CdcDaemon:
                 await self._sleep(delay)
                 continue
             await self._close(session, graceful=True)
+
+    async def _run_until_stopped(self, work) -> None:
+        """Run `work` until it ends or, after a stop signal, until the stop grace period ends.
+
+        The loop checks the stop event between reads, but it can be blocked longer, e.g. waiting
+        for room in the publish window while NATS is down; it is cancelled then, and the caller
+        still confirms what was acknowledged.
+        """
+        task = asyncio.create_task(work)
+        stopped = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                done, _ = await asyncio.wait({task}, timeout=self.settings.stop_grace_s)
+                if not done:
+                    log.warning("session did not stop within %s s, cancelling it", self.settings.stop_grace_s)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return
+            task.result()
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _session(self, session: _Session) -> None:
         settings = self.settings
@@ -301,7 +329,9 @@ class CdcDaemon:
         if session.publisher is not None:
             if graceful:
                 try:
-                    await session.publisher.drain(self.settings.shutdown_timeout_s)
+                    if not await session.publisher.drain(self.settings.shutdown_timeout_s):
+                        log.warning("%s message(s) still without PubAck after %s s; they are sent again after restart",
+                                    session.publisher.in_flight, self.settings.shutdown_timeout_s)
                 except SsmdError as exc:
                     log.warning("messages left unacknowledged at shutdown; they are sent again after restart error=%s", exc)
             await session.publisher.cancel()

@@ -156,6 +156,25 @@ def test_sigterm_confirms_what_is_acknowledged(env, tmp_path):
     assert "ssmd cdc stopped" in log
 
 
+def test_sigterm_while_nats_is_down(env, tmp_path, nats_server):
+    process = _start(env, tmp_path, "--max-in-flight", "2")
+    before = _confirmed(env)
+    nats_server.stop()
+    try:
+        run_sql(env["DATABASE_URL"], THREE_CHANGES)
+        wait_until(lambda: "publish failed, retrying" in process.log_text(), 30, "a failed publish", process)
+        assert process.terminate(timeout=40) == 0, process.log_text()[-3000:]
+        assert _confirmed(env) == before
+    finally:
+        nats_server.restart()
+
+    process = _start(env, tmp_path)
+    messages = _wait_changes(env, 3, process)
+    assert process.terminate() == 0
+    assert len(messages) == 3
+    _assert_one_copy_each(messages)
+
+
 def test_reconnects_after_postgres_restart(env, tmp_path, pg_server):
     process = _start(env, tmp_path)
     run_sql(env["DATABASE_URL"], "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL)")

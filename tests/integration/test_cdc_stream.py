@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 
 import psycopg
 import pytest
 
 from ssmd.core.jsontext import JsonNumber
 from ssmd.core.lsn import Lsn
+from ssmd.dev.servers import free_port
 from tests.integration.cdc_support import (
     MARKETS_SCHEMA, CdcProcess, changes, current_wal_lsn, read_stream, run_sql, slot_state, wait_streaming, wait_until,
 )
@@ -220,3 +222,24 @@ def test_cdc_polling_mode(ssmd_env, cdc):
     wait_until(lambda: slot_state(url, ssmd_env["REPLICATION_SLOT"])[0] >= Lsn.parse(messages[1].body["lsn"]),
                30, "slot advanced past the update", process)
     assert slot_state(url, ssmd_env["REPLICATION_SLOT"])[0] <= end
+
+
+def test_cdc_metrics_and_readiness(ssmd_env, cdc):
+    port = free_port()
+    process = cdc("--metrics-port", str(port))
+    run_sql(ssmd_env["DATABASE_URL"], "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL)")
+    _wait_changes(ssmd_env, 1, process)
+
+    base = f"http://127.0.0.1:{port}"
+    assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
+    assert urllib.request.urlopen(base + "/readyz", timeout=5).status == 200
+
+    def metric(name: str) -> float:
+        text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    wait_until(lambda: metric("ssmd_cdc_changes_published_total") >= 1, 10, "the published counter", process)
+    assert metric("ssmd_cdc_changes_read_total") >= 1
+    assert metric("ssmd_cdc_transactions_total") >= 1
+    assert metric("ssmd_cdc_publish_latency_seconds_count") >= 1
+    wait_until(lambda: metric("ssmd_cdc_confirmed_lsn") > 0, 10, "the confirmed LSN gauge", process)
