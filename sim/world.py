@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ssmd.core.changes import Op
 from ssmd.core.encoding import encode_row
 from ssmd.core.invariants import ApplyLag, BoundaryDecision, Gap, History, Violation, VersionWrite, check
-from ssmd.core.jsontext import JsonNumber
+from ssmd.core.jsontext import JsonNumber, loads
 from ssmd.core.keys import key_text
 from ssmd.core.lsn import Lsn
 from sim.cache import CacheDaemon, Recorder, Redis
@@ -291,6 +291,38 @@ class World:
             latest = max(transaction.commit_time for transaction in lost)
             self.gaps.append(Gap(latest, f"slot dropped; {len(lost)} transactions never reached the stream"))
 
+    # --- helpers for scripted scenarios ----------------------------------------------------
+
+    def tick(self, ms: int = 1) -> None:
+        self.now += ms
+
+    def publish_all(self) -> None:
+        """Receive every decoded transaction, publish every message and confirm the slot."""
+        while self.publisher.can_receive(self.db):
+            self.tick()
+            self.log(self.publisher.receive(self.db, self.now))
+        while self.publisher.outbox:
+            self.tick()
+            self.log(self.publish())
+        if self.publisher.can_confirm(self.db):
+            self.log(self.publisher.confirm(self.db))
+
+    def deliver_all(self) -> int:
+        """Deliver every deliverable message to the cache's handler; return how many."""
+        count = 0
+        while self.stream.deliverable(self.now, 1):
+            self.tick()
+            self.log(self.consume())
+            count += 1
+        return count
+
+    def cached(self, table: str, *key: str) -> dict | None:
+        """Return the cached row of a key, None when absent or a tombstone."""
+        entry = self.redis.entries.get(TABLES[table].namespace, {}).get(key_text(list(key)))
+        if entry is None or entry.value is None:
+            return None
+        return loads(entry.value)
+
     # --- scheduler --------------------------------------------------------------------------
 
     def _actions(self, writers: bool, faults: bool) -> list[tuple[float, Callable[[], str]]]:
@@ -336,17 +368,21 @@ class World:
         if faults and self.params.fault_rate:
             rate = self.params.fault_rate
             if publisher.up:
-                actions.append((rate * 10, lambda: self._crash(publisher, "publisher")))
+                actions.append((rate * 10, self.crash_publisher))
             if cache.up:
-                actions.append((rate * 10, lambda: self._crash(cache, "cache")))
+                actions.append((rate * 10, self.crash_cache))
             if db.slot_exists:
                 actions.append((rate, self.drop_slot))
             actions.append((rate, self.recreate_stream))
         return actions
 
-    def _crash(self, daemon, name: str) -> str:
-        daemon.crash()
-        return f"{name} crashes"
+    def crash_publisher(self) -> str:
+        self.publisher.crash()
+        return "publisher crashes"
+
+    def crash_cache(self) -> str:
+        self.cache.crash()
+        return "cache crashes"
 
     def _rollback(self, transaction: Transaction) -> str:
         self.db.rollback(transaction)
@@ -425,6 +461,8 @@ class World:
 
     def _replay(self):
         """Return the cache state after applying every delivered message again, on a copy."""
+        if self.cache.warm is None:
+            return None  # the cache daemon is down and holds no snapshot point
         copy = self.redis.copy()
         replayer = CacheDaemon(self.strategy, copy, None)
         replayer.warm = self.cache.warm
