@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nats
@@ -254,3 +255,62 @@ def _row_count(url: str) -> int:
         return connection.execute(
             "SELECT (SELECT count(*) FROM markets) + (SELECT count(*) FROM events) + (SELECT count(*) FROM series_fees)"
         ).fetchone()[0]
+
+
+def _status(ssmd_env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **ssmd_env, "CONSUMER_NAME": "status-test"}
+    return subprocess.run([sys.executable, "-m", "ssmd", "status", *args], capture_output=True, text=True, timeout=60, env=environment)
+
+
+def test_status_reports_missing_parts(ssmd_env):
+    result = _status(ssmd_env, "--json")
+
+    assert result.returncode == 1, result.stderr
+    status = json.loads(result.stdout)
+    assert status["slot"]["found"] is False
+    assert status["stream"]["found"] is False
+    assert status["consumer"]["found"] is False
+    assert status["cache"]["found"] is False
+
+
+async def test_status_reads_every_part(ssmd_env):
+    with psycopg.connect(ssmd_env["DATABASE_URL"], autocommit=True) as connection:
+        connection.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (ssmd_env["REPLICATION_SLOT"],))
+        connection.execute("CREATE TABLE filler (id int)")
+    client = await nats.connect(ssmd_env["NATS_URL"], connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        jetstream = client.jetstream()
+        await jetstream.add_stream(name=ssmd_env["NATS_STREAM"], subjects=["cdc.>"])
+        for index in range(3):
+            await jetstream.publish("cdc.markets.insert", b"{}", headers={"Nats-Msg-Id": f"0/1:{index}"})
+        await jetstream.add_consumer(ssmd_env["NATS_STREAM"], durable_name="status-test", ack_policy="explicit")
+    finally:
+        await client.close()
+    with redis.Redis.from_url(ssmd_env["REDIS_URL"]) as redis_client:
+        redis_client.hset("secmaster:meta", mapping={
+            "state": "ready", "snapshot_lsn": "0/10", "applied_lsn": "0/20", "stream_seq": "3", "last_applied_at": str(time.time() - 5),
+        })
+
+    result = await asyncio.to_thread(_status, ssmd_env, "--json")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    assert status["slot"]["found"] is True
+    assert status["slot"]["active"] is False
+    assert status["slot"]["retained_wal_bytes"] > 0
+    assert status["stream"]["messages"] == 3
+    assert (status["stream"]["first_seq"], status["stream"]["last_seq"]) == (1, 3)
+    assert status["consumer"]["pending"] == 3
+    assert status["consumer"]["redelivered"] == 0
+    assert status["cache"]["state"] == "ready"
+    assert status["cache"]["applied_lsn"] == "0/20"
+    assert 4 < status["cache"]["seconds_since_last_change"] < 60
+
+
+def test_status_text_hides_password(ssmd_env):
+    with_password = ssmd_env["DATABASE_URL"].replace("postgres@", "postgres:hunter2@")
+    result = _status({**ssmd_env, "DATABASE_URL": with_password})
+
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "postgres:***@" in result.stdout
+    assert result.stdout.splitlines()[0].startswith("slot ")
