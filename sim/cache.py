@@ -75,7 +75,7 @@ class Warm:
 
 @dataclass(slots=True)
 class Recorder:
-    """What the run observed, turned into the checker's `History` at the end."""
+    """Observations of one run, turned into the checker's `History` at the end."""
 
     version_writes: list[tuple[str, str, Position]] = field(default_factory=list)
     boundary: list[tuple[str, Position, bool, Warm]] = field(default_factory=list)
@@ -232,7 +232,7 @@ class CacheDaemon:
             snapshot = Lsn(self.warm.snapshot_lsn) if self.warm is not None else None
             if db is not None and stream is not None and needs_rewarm_for_slot(snapshot, point):
                 return self.begin_warm(db, stream, now, f"slot created at {point}")
-            return f"seq {stored.seq} slot created at {point}, snapshot is newer"
+            return f"seq {stored.seq} slot created at {point}, snapshot is not older"
 
         change = decode_change(message.subject, message.body)
         warm = self.warm

@@ -1,4 +1,4 @@
-"""PostgreSQL as the simulator sees it: tables, interleaved transactions, the WAL and one slot.
+"""PostgreSQL as the simulator models it: tables, interleaved transactions, the WAL and one slot.
 
 Change LSNs are allocated when a transaction writes, commit LSNs when it commits, so a
 transaction that commits later can carry lower change LSNs than one that committed earlier.
@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssmd.core.changes import Op, Row
-from ssmd.core.jsontext import JsonNumber
 
 Key = tuple[str, ...]
 
@@ -26,16 +25,23 @@ class TableSpec:
     columns: tuple[str, ...]
     key_columns: tuple[str, ...]
     namespace: str
+    types: dict[str, str]  # column -> type name, as wal2json's include-types gives it
 
     def key_of(self, row: Row) -> Key:
         return tuple(str(row[column]) for column in self.key_columns)
 
 
 TABLES: dict[str, TableSpec] = {
-    "markets": TableSpec("markets", ("event_ticker", "ticker", "status", "notes"), ("ticker",), "market"),
-    "events": TableSpec("events", ("event_ticker", "title"), ("event_ticker",), "event"),
+    "markets": TableSpec(
+        "markets", ("event_ticker", "ticker", "status", "notes"), ("ticker",), "market", dict.fromkeys(("event_ticker", "ticker", "status", "notes"), "text")
+    ),
+    "events": TableSpec("events", ("event_ticker", "title"), ("event_ticker",), "event", dict.fromkeys(("event_ticker", "title"), "text")),
     "series_fees": TableSpec(
-        "series_fees", ("series_ticker", "effective_from", "fee"), ("series_ticker", "effective_from"), "fee"
+        "series_fees",
+        ("series_ticker", "effective_from", "fee"),
+        ("series_ticker", "effective_from"),
+        "fee",
+        {"series_ticker": "text", "effective_from": "date", "fee": "numeric"},
     ),
 }
 NAMESPACES = {name: spec.namespace for name, spec in TABLES.items()}
@@ -44,7 +50,7 @@ TOAST_PREFIX = "big-"  # a `notes` value stored out of line, which wal2json omit
 
 @dataclass(slots=True)
 class WalChange:
-    """One row change as the WAL holds it; `row` is the full new row, `omitted` the TOAST columns."""
+    """One row change as the WAL records it; `row` is the full new row, `omitted` the TOAST columns."""
 
     op: Op
     table: str
@@ -98,7 +104,7 @@ class Database:
         return transaction
 
     def current(self, transaction: Transaction | None, table: str, key: Key) -> Row | None:
-        """Return the row as `transaction` sees it (its own writes, else the committed row)."""
+        """Return the row visible to `transaction`: its own writes, else the committed row."""
         if transaction is not None and (table, key) in transaction.view:
             return transaction.view[(table, key)]
         return self.rows[table].get(key)
@@ -150,7 +156,7 @@ class Database:
         return self.wal_end, {name: dict(rows) for name, rows in self.rows.items()}
 
     def visible_rows(self, table: str, now: int) -> dict[Key, Row]:
-        """Return `table` as an autocommit query at `now` sees it: only commits visible by then."""
+        """Return `table` as an autocommit query at `now` reads it, with only the commits visible by then."""
         rows: dict[str, dict[Key, Row]] = {table: {}}
         for transaction in self.committed:
             if transaction.visible_at <= now:
@@ -212,7 +218,3 @@ def _apply(rows: dict[str, dict[Key, Row]], change: WalChange) -> None:
         table.pop(change.key, None)
     else:
         table[change.key] = change.row
-
-
-def fee(text: str) -> JsonNumber:
-    return JsonNumber(text)

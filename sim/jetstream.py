@@ -1,4 +1,4 @@
-"""JetStream as the simulator sees it: one stream with a durable pull consumer.
+"""JetStream as the simulator models it: one stream with a durable pull consumer.
 
 The stream deduplicates by `Nats-Msg-Id` within a window of virtual time, keeps at most
 `max_messages` (discard-old), and can be deleted and created again by an administrator, which

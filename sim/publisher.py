@@ -2,12 +2,12 @@
 
 It receives committed transactions from the slot in commit order, completes TOAST-omitted
 columns by re-reading the current row, publishes each change with `Nats-Msg-Id` = its commit
-position, and confirms the slot only to what `AckTracker` says is fully acknowledged.
+position, and confirms the slot only to what `AckTracker` reports as fully acknowledged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ssmd.core.changes import Change
 from ssmd.core.confirm import AckTracker
@@ -15,6 +15,7 @@ from ssmd.core.envelope import Message, encode_change, encode_slot_created
 from ssmd.core.invariants import SlotConfirmation
 from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
+from ssmd.core.wal2json import DecodedChange, fill_columns
 from sim.database import TABLES, Database, Transaction, WalChange
 
 SLOT_NAME = "ssmd_cdc"
@@ -55,8 +56,9 @@ class Publisher:
             db.create_slot()
             line = f"publisher start, slot created at {Lsn(db.slot_point)}"
 
-        # NOTE: the announcement must survive a crash between creating the slot and its PubAck,
-        # so every start repeats it until acknowledged; the model keeps that mark in `db`.
+        # A crash between creating the slot and the PubAck of its announcement would hide the
+        # lost changes from the cache, so every start repeats the announcement until it is
+        # acknowledged. NOTE: the model keeps that mark in `db`; a real publisher needs a durable one.
         if not db.slot_announced:
             message = encode_slot_created(SLOT_NAME, Lsn(db.slot_point))
             self.outbox.append(Outgoing(message, None, db.slot_point, now))
@@ -83,40 +85,44 @@ class Publisher:
         return f"publisher receive xid={transaction.xid} commit={commit_lsn} changes={len(transaction.changes)}"
 
     def _complete(self, db: Database, transaction: Transaction, index: int, wal_change: WalChange) -> Change:
+        """Return the change as the publisher publishes it, with omitted and NaN values filled in."""
         spec = TABLES[wal_change.table]
-        data = None
-        unchanged: tuple[str, ...] = ()
-        if wal_change.row is not None:
-            data = dict(wal_change.row)
-            for column in wal_change.omitted:
-                del data[column]
-            if wal_change.omitted:
-                data, unchanged = self._fill_omitted(db, wal_change, data)
-        return Change(
+        key = dict(zip(spec.key_columns, wal_change.key)) if wal_change.key is not None else {}
+        change = Change(
             op=wal_change.op,
             schema="public",
             table=wal_change.table,
             position=Position(Lsn(transaction.commit_lsn), index),
             xid=transaction.xid,
-            key=dict(zip(spec.key_columns, wal_change.key)) if wal_change.key is not None else {},
+            key=key,
             old_key=dict(zip(spec.key_columns, wal_change.old_key)) if wal_change.old_key is not None else None,
-            data=data,
-            unchanged=unchanged,
+            data=_as_wal2json_sends(wal_change),
+            unchanged=wal_change.omitted,
             commit_time=str(transaction.commit_time),
         )
+        if change.data is None:
+            return change
 
-    def _fill_omitted(self, db: Database, wal_change: WalChange, data: dict) -> tuple[dict, tuple[str, ...]]:
+        omitted = wal_change.omitted
         if self.strategy == "toast-as-null":
-            return {**data, **{column: None for column in wal_change.omitted}}, ()
+            change = replace(change, data={**change.data, **dict.fromkeys(omitted)}, unchanged=())
+        elif self.strategy == "toast-replace":
+            change = replace(change, unchanged=())
+        change = fill_columns(DecodedChange(change, key, spec.types), self._reread(db, wal_change))
         if self.strategy == "toast-replace":
-            return data, wal_change.omitted
+            change = replace(change, unchanged=omitted)
+        return change
 
-        # Re-read the current row by key: it may be newer than this change, but every later
-        # change of the column carries its own value, so the cache still converges.
+    def _reread(self, db: Database, wal_change: WalChange) -> dict[str, str | None] | None:
+        """Return the current row's text output by key, None when the row is gone.
+
+        The re-read value can be newer than this change, but every later change of the column
+        carries its own value, so the cache still converges.
+        """
         current = db.rows[wal_change.table].get(wal_change.key)
         if current is None:
-            return data, wal_change.omitted
-        return {**data, **{column: current[column] for column in wal_change.omitted}}, ()
+            return None
+        return {column: None if value is None else str(value) for column, value in current.items()}
 
     def can_publish(self) -> bool:
         return self.up and bool(self.outbox)
@@ -154,3 +160,13 @@ class Publisher:
         stored = self.stored_ids
         commit = Lsn(transaction.commit_lsn)
         return all(Position(commit, index).message_id() in stored for index in range(len(transaction.changes)))
+
+
+def _as_wal2json_sends(wal_change: WalChange) -> dict | None:
+    """Return the row as wal2json 2.5 sends it: TOAST-omitted columns left out, numeric NaN as null."""
+    if wal_change.row is None:
+        return None
+    data = {column: value for column, value in wal_change.row.items() if column not in wal_change.omitted}
+    if data.get("fee") == "NaN":
+        data["fee"] = None
+    return data

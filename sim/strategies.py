@@ -1,6 +1,6 @@
 """The correct strategy and the known-bad ones, each swapping one piece of the correct logic.
 
-`EXPECTED` names the invariant the checker reports when a bad strategy goes wrong; the
+`EXPECTED` names the invariant the checker reports when a bad strategy goes wrong. The
 simulator tests require each to be caught within a few hundred seeds.
 """
 

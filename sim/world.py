@@ -1,9 +1,9 @@
 """One simulated scenario: the models, a seeded scheduler, quiesce and the invariants check.
 
-A scenario runs a random phase, where writers, the publisher, JetStream, the cache daemon and
+A scenario first runs a random phase. Writers, the publisher, JetStream, the cache daemon and
 faults (crashes, lost PubAcks, a dropped slot, a recreated stream) take turns chosen by
-`random.Random(seed)` on a virtual clock in milliseconds, then quiesces: writers stop, the
-daemons restart and run until everything is delivered. The production checker then compares
+`random.Random(seed)` on a virtual clock in milliseconds. Then it quiesces: writers stop, and
+the daemons restart and run until everything is delivered. The production checker then compares
 the database with Redis and the recorded history. The same seed gives the same trace.
 """
 
@@ -35,7 +35,7 @@ EVENT_TICKERS = tuple(f"E-{i}" for i in range(1, 4))
 SERIES = ("S-1", "S-2")
 DATES = ("2026-01-01", "2026-02-01")
 STATUSES = ("open", "closed", "halted", "settled")
-FEES = ("0.0700", "0.07", "1.5", "12345678901234567890.123456789012345678")
+FEES = ("0.0700", "0.07", "1.5", "12345678901234567890.123456789012345678", "NaN", None)
 
 
 @dataclass(slots=True)
@@ -124,7 +124,7 @@ class World:
         return f"{prefix}{self.rng.randint(1, 999)}"
 
     def _fee_row(self, series: str, date: str) -> dict:
-        return {"series_ticker": series, "effective_from": date, "fee": JsonNumber(self.rng.choice(FEES))}
+        return {"series_ticker": series, "effective_from": date, "fee": _fee(self.rng.choice(FEES))}
 
     def _write(self, transaction: Transaction, op: Op, table: str, old_key: Key | None, row: dict | None, key: Key | None = None) -> str:
         spec = TABLES[table]
@@ -185,7 +185,7 @@ class World:
         elif table == "events":
             row["title"] = f"{row['event_ticker']} v{self.rng.randint(1, 99)}"
         else:
-            row["fee"] = JsonNumber(self.rng.choice(FEES))
+            row["fee"] = _fee(self.rng.choice(FEES))
         return row
 
     def _change_key(self, transaction: Transaction, table: str, key: Key, current: dict) -> str:
@@ -419,7 +419,10 @@ class World:
             if deadline is None or deadline <= self.now:
                 return
             self.now = deadline
-        raise RuntimeError(f"seed {self.seed} did not quiesce within {QUIESCE_STEP_LIMIT} steps")
+        raise RuntimeError(
+            f"seed {self.seed} did not quiesce within {QUIESCE_STEP_LIMIT} steps, a simulator bug: "
+            f"replay it with ssmd sim --seed {self.seed} --strategy {self.strategy} --trace"
+        )
 
     def run(self) -> Result:
         for _ in range(self.params.steps):
@@ -462,7 +465,7 @@ class World:
     def _replay(self):
         """Return the cache state after applying every delivered message again, on a copy."""
         if self.cache.warm is None:
-            return None  # the cache daemon is down and holds no snapshot point
+            return None  # the cache daemon is down and has no snapshot point
         copy = self.redis.copy()
         replayer = CacheDaemon(self.strategy, copy, None)
         replayer.warm = self.cache.warm
@@ -472,6 +475,13 @@ class World:
 
     def check(self) -> list[Violation]:
         return check(self.database_state(), self.redis.state(), NAMESPACES, self.history())
+
+
+def _fee(text: str | None) -> JsonNumber | str | None:
+    """Return a numeric's canonical value: exact number text, "NaN" as a string, or None."""
+    if text is None or text == "NaN":
+        return text
+    return JsonNumber(text)
 
 
 def run_scenario(seed: int, strategy: str = "correct") -> Result:

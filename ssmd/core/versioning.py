@@ -1,14 +1,14 @@
 """The rules that keep every cached key at its newest version.
 
-Each Redis entry carries the version of what it holds: the position (commit LSN, index) of the
+Each Redis entry carries the version of its contents: the position (commit LSN, index) of the
 change that wrote it, or `warm_version(S)` (just below (S, 0)) for a row read from the warm
-snapshot whose consistent point is S. A delete keeps its version as a tombstone, because without it a warm writer that read the row
-before the delete would bring the row back. TRUNCATE raises a per-namespace floor, so a late
+snapshot whose consistent point is S. A delete keeps its version as a tombstone, because
+without it a warm writer that read the row before the delete would bring the row back. TRUNCATE raises a per-namespace floor, so a late
 redelivery from before the truncate cannot write a row again.
 
 Every rule here is pure, and both the simulator and the cache daemon call it. The daemon's Lua
 script implements `decide` on packed versions (`Position.pack`), whose string order equals
-position order; `decide_packed` is the same rule on that text, for checking the script.
+position order. `decide_packed` is the same rule on that text, so tests can check the script.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def truncate_clears(version: Position, truncate_at: Position) -> bool:
 def merge_unchanged(cached: Row | None, data: Row, unchanged: Iterable[str]) -> Row:
     """Return `data` with each `unchanged` column taken from the cached row.
 
-    The publisher fills TOAST-unchanged columns itself; a column still listed here is one it
+    The publisher fills TOAST-unchanged columns itself. A column still listed here is one it
     could not re-read because the row was gone, and a later delete removes the row anyway. A
     column missing from the cached row stays missing.
     """
