@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def collect(args: argparse.Namespace) -> dict[str, dict]:
-    """Read the four parts concurrently; a part that fails carries an `error` message instead."""
+    """Read the slot, the stream with its consumer, and the cache concurrently.
+
+    A part that fails carries an `error` message instead of its fields.
+    """
     auth = NatsAuth(user=args.nats_user, password=args.nats_password, token=args.nats_token, credentials_file=args.nats_creds)
     parts = {
         "slot": _guard(read_slot(config.require(args.database_url, config.DATABASE_URL), args.replication_slot)),
@@ -90,7 +93,7 @@ async def _guard(reading) -> dict:
 
 
 async def read_slot(database_url: str, slot: str) -> dict:
-    """Return the slot's confirmed LSN, retained WAL bytes and whether a walsender holds it."""
+    """Return the slot's confirmed LSN, retained WAL bytes and whether a walsender is using it."""
     async with await connect_async(database_url, application_name="ssmd-status") as connection:
         cursor = await connection.execute(_SLOT_QUERY, (slot,))
         row = await cursor.fetchone()

@@ -346,7 +346,7 @@ class PostgresServer(ServerProcess):
         settings = {
             "port": self.port,
             "listen_addresses": "'127.0.0.1'",
-            "unix_socket_directories": f"'{self.data_directory}'",
+            "unix_socket_directories": f"'{self._socket_directory()}'",
             "wal_level": "logical",
             "max_replication_slots": 16,
             "max_wal_senders": 16,
@@ -363,6 +363,13 @@ class PostgresServer(ServerProcess):
             "host replication all 127.0.0.1/32 trust\n"
         )
         self._write_owned(self.data_directory / "pg_hba.conf", hba)
+
+    def _socket_directory(self) -> str:
+        # A Unix socket path is limited to 107 bytes (sun_path). In a deeper directory the
+        # server listens on TCP only, which is all ssmd and the tests use.
+        if len(f"{self.data_directory}/.s.PGSQL.{self.port}") > 107:
+            return ""
+        return str(self.data_directory)
 
     def _write_owned(self, path: Path, text: str) -> None:
         path.write_text(text)
