@@ -70,5 +70,5 @@ def warm_version(snapshot_lsn: Lsn) -> Position:
     and its first change at (S, 0) would then lose against the warm row it must replace.
     """
     if snapshot_lsn.value == 0:
-        raise ValueError("snapshot LSN 0/0 is not a consistent point")
+        return Position(snapshot_lsn, 0)  # 0/0 is never a consistent point: no change can tie
     return Position(Lsn(snapshot_lsn.value - 1), MAX_INDEX)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ssmd.core.keys import KeySpace
 from ssmd.core.lsn import Lsn
-from ssmd.core.position import Position
+from ssmd.core.position import Position, warm_version
 from ssmd.core.versioning import Decision, decide_packed, should_sweep, truncate_clears
 from ssmd.store.cache_store import CacheStore
 from ssmd.store.scripts import APPLIED, BELOW_FLOOR, STALE, Script, ScriptCall, ScriptRunner
@@ -79,7 +79,7 @@ def test_sweep_one_matches_sweep_rule(stored, has_value, threshold):
             expected_gone = has_value
         else:
             expected_gone = truncate_clears(stored, threshold)
-            assert should_sweep(stored, threshold.commit_lsn) == (stored < Position(threshold.commit_lsn, 0))
+            assert should_sweep(stored, threshold.commit_lsn) == (stored < warm_version(threshold.commit_lsn))
         assert removed == int(expected_gone)
         if stored is None or expected_gone:
             assert await client.exists(VALUE_KEY, VERSION_KEY) == 0
