@@ -3,8 +3,8 @@
 One session is: start-up checks, the stream, the slot (created when missing), then a loop that
 reads wal2json rows, decodes them, completes TOAST-omitted and NaN-ambiguous columns, publishes
 one message per change and confirms the slot through the AckTracker. Any dependency failure ends
-the session; the daemon then reconnects after a jittered backoff and PostgreSQL resends
-everything after the confirmed position, which JetStream deduplicates by message id.
+the session, and the daemon reconnects after a jittered backoff. PostgreSQL then resends
+everything after the confirmed position, and JetStream drops the repeats by message id.
 
 Rules the loop keeps:
 - the slot is confirmed to a transaction's `nextlsn` only when every message of it and of all
@@ -41,7 +41,7 @@ from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
 from ssmd.logs import fields
 from ssmd.observe import CdcMetrics, Readiness, start_health_server
-from ssmd.pg.checks import create_slot, read_slot, run_startup_checks
+from ssmd.pg.checks import SlotInUseError, create_slot, read_slot, run_startup_checks
 from ssmd.pg.connect import connect, connect_async
 from ssmd.pg.replication import MESSAGE_PREFIX, ReplicationStream, SlotPoller
 
@@ -98,6 +98,7 @@ class CdcDaemon:
         self.readiness = Readiness()
         self.stop = asyncio.Event()
         self._acks = 0
+        self._started = False  # True once a session streamed: a held slot is then our own old walsender
         self._exit_after_acks = int(os.environ.get(FAULT_EXIT_AFTER_ACKS, "0") or 0)
         self._drop_acks = int(os.environ.get(FAULT_DROP_ACKS, "0") or 0)
 
@@ -132,6 +133,15 @@ class CdcDaemon:
             try:
                 await self._run_until_stopped(self._session(session))
                 failures = 0
+            except SlotInUseError as exc:
+                if not self._started:
+                    raise
+                failures += 1
+                delay = backoff_delay(failures, self.rng, self.settings.reconnect_initial_s, self.settings.reconnect_max_s)
+                log.warning("slot still in use after a lost connection, retrying %s error=%s", fields(attempt=failures, delay_s=f"{delay:.2f}"), exc)
+                await self._close(session, graceful=False)
+                await self._sleep(delay)
+                continue
             except ConfigError:
                 raise
             except (DependencyError, psycopg.OperationalError, nats.errors.Error, OSError, TimeoutError) as exc:
@@ -223,6 +233,7 @@ class CdcDaemon:
         reader = ReplicationStream(self.settings.database_url, self.settings.slot, tables)
         session.reader = reader
         reader.start(Lsn(0), confirmed=confirmed)
+        self._started = True
         self.metrics.confirmed_lsn.set(confirmed.value)
         self.readiness.set_ready()
 
@@ -278,7 +289,7 @@ class CdcDaemon:
 
     def _emit_heartbeat(self, session: _Session) -> None:
         # A transactional message gets a commit record, so the slot moves even when the followed
-        # tables are idle, and the cache sees the mark pass like any change.
+        # tables are idle. The mark reaches the stream like any change.
         session.conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (MESSAGE_PREFIX, "heartbeat"))
         log.debug("emitted heartbeat slot=%s", self.settings.slot)
 
@@ -286,6 +297,7 @@ class CdcDaemon:
         poller = SlotPoller(self.settings.database_url, self.settings.slot, tables)
         session.reader = poller
         poller.open()
+        self._started = True
         self.readiness.set_ready()
         advanced: Lsn | None = None
         last_data = time.monotonic()

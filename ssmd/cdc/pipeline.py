@@ -113,8 +113,8 @@ class ChangePipeline:
         if message.transactional and self._begin is not None:
             self._pending.append((message, self._begin))
             return
-        # A non-transactional message arrives alone; it is tracked as a transaction of its own
-        # that ends at its LSN, so the slot is not confirmed past it before its PubAck.
+        # A non-transactional message arrives outside any transaction. Tracking it as a
+        # transaction that ends at its LSN keeps the slot behind it until its PubAck.
         self._tracker.open(message.lsn, message.lsn)
         self._pending.append((message, None))
         await self.flush()
@@ -122,7 +122,7 @@ class ChangePipeline:
 
     async def _reread(self, pending: list[_Pending]) -> dict[int, dict[str, str | None] | None]:
         """Re-read the columns to fill, one query per table; map buffer index -> text values."""
-        wanted: dict[tuple[str, str], list[tuple[int, DecodedChange]]] = defaultdict(list)
+        to_reread: dict[tuple[str, str], list[tuple[int, DecodedChange]]] = defaultdict(list)
         columns: dict[tuple[str, str], set[str]] = defaultdict(set)
         results: dict[int, dict[str, str | None] | None] = {}
         for index, (record, _) in enumerate(pending):
@@ -132,10 +132,10 @@ class ChangePipeline:
             results[index] = None
             if needed:
                 table_key = (record.change.schema, record.change.table)
-                wanted[table_key].append((index, record))
+                to_reread[table_key].append((index, record))
                 columns[table_key].update(needed)
 
-        for table_key, entries in wanted.items():
+        for table_key, entries in to_reread.items():
             table = self._tables[table_key]
             names = sorted(columns[table_key])
             values = await reread_columns(self._resolve_conn, table, [record.change.key for _, record in entries], names)

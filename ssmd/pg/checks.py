@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 PLUGIN = "wal2json"
 
 
+class SlotInUseError(ConfigError):
+    """Another server process streams from the slot.
+
+    At start-up this is a configuration problem. After a lost connection it is usually this
+    daemon's own walsender, which PostgreSQL has not noticed is gone yet, so the daemon retries.
+    """
+
+
 @dataclass(frozen=True)
 class SlotState:
     """A row of pg_replication_slots that matters to the publisher."""
@@ -68,7 +76,7 @@ def check_slot(conn: psycopg.Connection, state: SlotState) -> None:
     if state.database != database:
         raise ConfigError(f"replication slot {state.name} belongs to database {state.database}, not {database}: set REPLICATION_SLOT to another name")
     if state.active_pid is not None:
-        raise ConfigError(
+        raise SlotInUseError(
             f"replication slot {state.name} is in use by server process {state.active_pid}: stop the other ssmd cdc "
             f"(or pg_terminate_backend({state.active_pid})), or set REPLICATION_SLOT to another name"
         )

@@ -33,6 +33,7 @@ from ssmd.core.errors import ConfigError, DependencyError
 from ssmd.core.lsn import Lsn
 from ssmd.core.tables import TableInfo
 from ssmd.core.wal2json import WAL2JSON_OPTIONS
+from ssmd.pg.checks import SlotInUseError
 from ssmd.pg.connect import connect, describe_target
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def _replication_error(exc: psycopg.Error, slot: str, dsn: str) -> Exception:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     sqlstate = getattr(exc, "sqlstate", None)
     if sqlstate == "55006" or "is active for pid" in text:
-        return ConfigError(f"replication slot {slot} is in use by another process ({text}): stop the other ssmd cdc, or set REPLICATION_SLOT to another name")
+        return SlotInUseError(f"replication slot {slot} is in use by another process ({text}): stop the other ssmd cdc, or set REPLICATION_SLOT to another name")
     if "could not access file" in text and "wal2json" in text:
         return ConfigError(f"the wal2json output plugin is not installed on the PostgreSQL server ({text}): install it, e.g. apt-get install postgresql-15-wal2json")
     if sqlstate == "42704" or "does not exist" in text:
@@ -336,5 +337,5 @@ class SlotPoller:
 def _poll_error(exc: psycopg.Error, slot: str, dsn: str) -> Exception:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if getattr(exc, "sqlstate", None) == "55006" or "is active for pid" in text:
-        return ConfigError(f"replication slot {slot} is in use by another process ({text}): stop the other ssmd cdc, or set REPLICATION_SLOT to another name")
+        return SlotInUseError(f"replication slot {slot} is in use by another process ({text}): stop the other ssmd cdc, or set REPLICATION_SLOT to another name")
     return DependencyError(f"polling slot {slot} at {describe_target(dsn)} failed: {text}")

@@ -114,17 +114,17 @@ def current_wal_lsn(url: str) -> Lsn:
         return Lsn.parse(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
 
 
-def wait_until(condition, timeout: float, what: str, process: CdcProcess | None = None, interval: float = 0.1):
+def wait_until(condition, timeout: float, description: str, process: CdcProcess | None = None, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         if process is not None and process.process.poll() is not None:
-            raise AssertionError(f"ssmd cdc exited with {process.process.returncode} while waiting for {what}:\n{process.log_text()[-3000:]}")
+            raise AssertionError(f"ssmd cdc exited with {process.process.returncode} while waiting for {description}:\n{process.log_text()[-3000:]}")
         time.sleep(interval)
     log = process.log_text()[-3000:] if process else ""
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{log}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {description}\n{log}")
 
 
 def wait_streaming(url: str, slot: str, process: CdcProcess, timeout: float = 30) -> None:

@@ -18,8 +18,8 @@ from tests.integration.cdc_support import (
 )
 
 ROWS = 200_000 if os.environ.get("SSMD_LONG") == "1" else 50_000
-# Peak resident memory the daemon may reach; holding the whole transaction would take several
-# times this (each message is ~300 bytes of body plus its Python objects and publish future).
+# Peak resident memory the daemon may reach. Holding the whole transaction would take far more,
+# because each message is ~300 bytes of body plus its Python objects and publish future.
 MAX_PEAK_RSS_MIB = 200
 
 
