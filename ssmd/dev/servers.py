@@ -133,12 +133,15 @@ class ServerProcess:
         self._wait_ready()
         self._save_state()
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 20, *, since_launch: bool = False) -> str:
+        """Return the last lines of the log, optionally only those written since the last launch."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            data = self.log_path.read_bytes()
         except FileNotFoundError:
             return "(no log file)"
-        return "\n".join(text.splitlines()[-lines:])
+        if since_launch:
+            data = data[self._log_offset:]
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
     # Hooks that each server class overrides.
 
@@ -182,24 +185,27 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise ServerStartError(f"{self.name} exited during start-up (port {self.port}, log {self.log_path}):\n{self.log_tail()}")
+                raise ServerStartError(f"{self.name} exited during start-up (port {self.port}, log {self.log_path}):\n{self.log_tail(since_launch=True)}")
             if self._ready():
                 return
             time.sleep(0.05)
         self._signal_and_wait(signal.SIGKILL, STOP_TIMEOUT_S)
-        raise ServerStartError(f"{self.name} not ready after {timeout:.0f} s (port {self.port}, log {self.log_path}):\n{self.log_tail()}")
+        raise ServerStartError(f"{self.name} not ready after {timeout:.0f} s (port {self.port}, log {self.log_path}):\n{self.log_tail(since_launch=True)}")
 
     def _signal_and_wait(self, signum: int, timeout: float) -> None:
         if not self.alive():
             self._reap()
             return
-        os.kill(self.pid, signum)
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                deadline = time.monotonic() + timeout
-            time.sleep(0.02)
+        try:
+            os.kill(self.pid, signum)
+            deadline = time.monotonic() + timeout
+            while self.alive():
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    deadline = time.monotonic() + timeout
+                time.sleep(0.02)
+        except ProcessLookupError:
+            pass  # it exited between the check and the signal
         self._reap()
 
     def _reap(self) -> None:

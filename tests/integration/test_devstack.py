@@ -314,3 +314,25 @@ def test_status_text_hides_password(ssmd_env):
     assert "hunter2" not in result.stdout + result.stderr
     assert "postgres:***@" in result.stdout
     assert result.stdout.splitlines()[0].startswith("slot ")
+
+
+def test_start_retries_taken_port(stack_root, monkeypatch):
+    import socket
+
+    from ssmd.dev import servers
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        ports = iter([taken_port, servers.free_port()])
+        monkeypatch.setattr(servers, "free_port", lambda: next(ports))
+
+        server = RedisServer.start(stack_root / "retry", die_with_parent=True)
+        try:
+            assert server.port != taken_port
+            assert "Address already in use" in server.log_path.read_text()
+            with redis.Redis.from_url(server.url) as client:
+                assert client.ping() is True
+        finally:
+            server.stop()
