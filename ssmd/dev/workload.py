@@ -151,6 +151,7 @@ class Workload:
             raise ValueError(f"invalid rate {rate}: must be above 0 steps per second")
         start = time.monotonic()
         next_step = next_progress = start
+        reported: dict[str, int] | None = None
         while True:
             now = time.monotonic()
             if now - start >= seconds:
@@ -162,8 +163,9 @@ class Workload:
             next_step += 1.0 / rate
             if progress is not None and time.monotonic() >= next_progress:
                 progress(self.counts, time.monotonic() - start)
+                reported = self.counts.as_dict()
                 next_progress += PROGRESS_INTERVAL_S
-        if progress is not None:
+        if progress is not None and self.counts.as_dict() != reported:
             progress(self.counts, time.monotonic() - start)
         return self.counts
 
