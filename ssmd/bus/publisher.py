@@ -58,12 +58,24 @@ def backoff_delay(attempt: int, rng: random.Random, initial: float, maximum: flo
     return rng.uniform(0, min(maximum, initial * (2 ** min(attempt - 1, 30))))
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """One message on its way to a PubAck, across retries."""
+
+    message: Message
+    token: object
+    number: int = 1
+    started: float = 0.0
+
+
 class Publisher:
     """Publishes messages concurrently within a window and reports each PubAck to `on_ack`.
 
     `on_ack(token)` runs in the event loop once per message, with the token given to `publish`.
     A failure that no retry can fix (e.g. a message over the server's max_payload, or a stream
     that rejects the subject) is stored in `failure` and raised by the next `publish`/`drain`.
+    A PubAck is handled in a done-callback of nats-py's future rather than in a task per
+    message, which keeps the per-message cost low; only retries get a task.
     """
 
     def __init__(
@@ -83,10 +95,14 @@ class Publisher:
         self._metrics = metrics
         self._settings = settings
         self._rng = rng or random.Random()
-        self._window = asyncio.Condition()
         self._count = 0
         self._bytes = 0
-        self._tasks: set[asyncio.Task] = set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._retries: set[asyncio.Task] = set()
+        self._closed = False
         self.failure: SsmdError | None = None
         # Test-only fault hook: treat the first N PubAcks as lost, so the retry path runs.
         self._drop_acks = drop_first_acks
@@ -96,34 +112,34 @@ class Publisher:
         return self._count
 
     async def publish(self, message: Message, token: object) -> None:
-        """Hand a message to NATS once the window has room; the PubAck is awaited in the background."""
+        """Hand a message to NATS once the window has room; the PubAck is handled in the background."""
         self._raise_failure()
         size = len(message.body)
-        async with self._window:
-            await self._window.wait_for(lambda: self.failure is not None or self._has_room(size))
+        while not self._has_room(size):
+            self._room.clear()
+            await self._room.wait()
             self._raise_failure()
-            self._count += 1
-            self._bytes += size
-            self._update_gauges()
-        task = asyncio.create_task(self._deliver(message, token), name=f"publish {message.msg_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._count += 1
+        self._bytes += size
+        self._idle.clear()
+        self._update_gauges()
+        await self._send(_Attempt(message, token))
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every message is acknowledged; return False on timeout."""
-        async with self._window:
-            try:
-                await asyncio.wait_for(self._window.wait_for(lambda: self._count == 0 or self.failure is not None), timeout)
-            except TimeoutError:
-                return False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
         self._raise_failure()
         return True
 
     async def cancel(self) -> None:
         """Stop retrying; messages without a PubAck stay unconfirmed and are sent again after restart."""
-        for task in list(self._tasks):
+        self._closed = True
+        for task in list(self._retries):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._retries, return_exceptions=True)
 
     def _has_room(self, size: int) -> bool:
         if self._count >= self._settings.max_in_flight:
@@ -131,59 +147,86 @@ class Publisher:
         # One message larger than the byte budget is still let through when nothing is in flight.
         return self._count == 0 or self._bytes + size <= self._settings.max_in_flight_bytes
 
-    async def _deliver(self, message: Message, token: object) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
-            started = time.monotonic()
-            try:
-                duplicate = await self._send_once(message)
-                break
-            except _RETRYABLE as exc:
-                delay = backoff_delay(attempt, self._rng, self._settings.backoff_initial_s, self._settings.backoff_max_s)
-                self._metrics.publish_retries.inc()
-                level = logging.WARNING if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
-                log.log(level, "publish failed, retrying with the same id msg_id=%s subject=%s attempt=%s delay_s=%.2f error=%s",
-                        message.msg_id, message.subject, attempt, delay, type(exc).__name__ + (f": {exc}" if str(exc) else ""))
-                await asyncio.sleep(delay)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 (a permanent error must reach the daemon, not vanish in a task)
-                await self._fail(_permanent_error(exc, message, self._stream))
-                return
+    async def _send(self, attempt: _Attempt) -> None:
+        message = attempt.message
+        attempt.started = time.monotonic()
+        try:
+            future = await self._js.publish_async(
+                message.subject, message.body, stream=self._stream, headers={MSG_ID_HEADER: message.msg_id}
+            )
+        except _RETRYABLE as exc:
+            self._retry_later(attempt, exc)
+            return
+        except nats.errors.Error as exc:
+            self._fail(_permanent_error(exc, message, self._stream))
+            return
+        # Cancelling the future on timeout also releases nats-py's pending-publish slot.
+        timer = asyncio.get_running_loop().call_later(self._settings.ack_timeout_s, future.cancel)
+        future.add_done_callback(lambda done: self._on_done(attempt, timer, done))
 
-        self._metrics.publish_latency.observe(time.monotonic() - started)
+    def _on_done(self, attempt: _Attempt, timer: asyncio.TimerHandle, future: asyncio.Future) -> None:
+        timer.cancel()
+        if self._closed:
+            return
+        if future.cancelled():
+            error: BaseException | None = TimeoutError(f"no PubAck within {self._settings.ack_timeout_s} s")
+        else:
+            error = future.exception()
+        if error is None and self._drop_acks > 0:
+            self._drop_acks -= 1
+            error = TimeoutError(f"PubAck dropped by the test-only fault hook SSMD_FAULT_DROP_ACKS")
+
+        if error is None:
+            self._complete(attempt, bool(future.result().duplicate))
+        elif isinstance(error, _RETRYABLE):
+            self._retry_later(attempt, error)
+        else:
+            self._fail(_permanent_error(error, attempt.message, self._stream))
+
+    def _complete(self, attempt: _Attempt, duplicate: bool) -> None:
+        size = len(attempt.message.body)
+        self._metrics.publish_latency.observe(time.monotonic() - attempt.started)
         self._metrics.changes_published.inc()
-        self._metrics.bytes_published.inc(len(message.body))
+        self._metrics.bytes_published.inc(size)
         if duplicate:
             self._metrics.duplicates.inc()
         try:
-            self._on_ack(token)
+            self._on_ack(attempt.token)
         except SsmdError as exc:
-            await self._fail(exc)
+            self._fail(exc)
             return
-        async with self._window:
-            self._count -= 1
-            self._bytes -= len(message.body)
-            self._update_gauges()
-            self._window.notify_all()
 
-    async def _send_once(self, message: Message) -> bool:
-        """Publish and await the PubAck; return whether JetStream reported a duplicate."""
-        future = await self._js.publish_async(message.subject, message.body, stream=self._stream, headers={MSG_ID_HEADER: message.msg_id})
-        # wait_for cancels the future on timeout, which releases nats-py's pending slot.
-        ack = await asyncio.wait_for(future, self._settings.ack_timeout_s)
-        if self._drop_acks > 0:
-            self._drop_acks -= 1
-            raise TimeoutError("PubAck dropped by SSMD_FAULT_DROP_ACKS (test-only)")
-        return bool(ack.duplicate)
+        self._count -= 1
+        self._bytes -= size
+        self._update_gauges()
+        self._room.set()
+        if self._count == 0:
+            self._idle.set()
 
-    async def _fail(self, error: SsmdError) -> None:
+    def _retry_later(self, attempt: _Attempt, error: BaseException) -> None:
+        delay = backoff_delay(attempt.number, self._rng, self._settings.backoff_initial_s, self._settings.backoff_max_s)
+        self._metrics.publish_retries.inc()
+        level = logging.WARNING if attempt.number == 1 or attempt.number % 10 == 0 else logging.DEBUG
+        log.log(level, "publish failed, retrying with the same id msg_id=%s subject=%s attempt=%s delay_s=%.2f error=%s",
+                attempt.message.msg_id, attempt.message.subject, attempt.number, delay,
+                type(error).__name__ + (f": {error}" if str(error) else ""))
+        task = asyncio.get_running_loop().create_task(self._retry(attempt, delay), name=f"retry {attempt.message.msg_id}")
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, attempt: _Attempt, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._closed or self.failure is not None:
+            return
+        attempt.number += 1
+        await self._send(attempt)
+
+    def _fail(self, error: SsmdError) -> None:
         log.error("publishing stopped: %s", error)
-        async with self._window:
-            if self.failure is None:
-                self.failure = error
-            self._window.notify_all()
+        if self.failure is None:
+            self.failure = error
+        self._room.set()
+        self._idle.set()
 
     def _raise_failure(self) -> None:
         if self.failure is not None:
@@ -194,7 +237,7 @@ class Publisher:
         self._metrics.in_flight_bytes.set(self._bytes)
 
 
-def _permanent_error(exc: Exception, message: Message, stream: str) -> SsmdError:
+def _permanent_error(exc: BaseException, message: Message, stream: str) -> SsmdError:
     if isinstance(exc, nats.errors.MaxPayloadError):
         return ConfigError(
             f"message {message.msg_id} on {message.subject} is {len(message.body)} bytes, over the NATS server's max_payload: "
