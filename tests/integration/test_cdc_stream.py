@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import urllib.request
 
+import nats
 import psycopg
 import pytest
 
@@ -243,3 +245,35 @@ def test_cdc_metrics_and_readiness(ssmd_env, cdc):
     assert metric("ssmd_cdc_transactions_total") >= 1
     assert metric("ssmd_cdc_publish_latency_seconds_count") >= 1
     wait_until(lambda: metric("ssmd_cdc_confirmed_lsn") > 0, 10, "the confirmed LSN gauge", process)
+
+
+def test_cdc_publishes_truncate(ssmd_env, cdc):
+    process = cdc()
+    run_sql(ssmd_env["DATABASE_URL"], "INSERT INTO events VALUES ('EV-1', 'first')", "TRUNCATE events, markets")
+    _wait_changes(ssmd_env, 3, process)
+
+    messages = changes(read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))
+    truncates = [m for m in messages if m.body["op"] == "truncate"]
+    assert sorted(m.subject for m in truncates) == ["cdc.events.truncate", "cdc.markets.truncate"]
+    assert all("data" not in m.body for m in truncates)
+    assert len({m.body["lsn"] for m in truncates}) == 1
+
+
+def test_cdc_reannounces_slot_to_new_stream(ssmd_env, cdc):
+    first = cdc()
+    assert first.terminate() == 0
+    confirmed = slot_state(ssmd_env["DATABASE_URL"], ssmd_env["REPLICATION_SLOT"])[0]
+    asyncio.run(_delete_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))
+
+    cdc()
+    announced = read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"], "cdc._ssmd.slot_created")
+    assert len(announced) == 1
+    assert Lsn.parse(announced[0].body["consistent_point"]) == confirmed
+
+
+async def _delete_stream(url: str, name: str) -> None:
+    client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        await client.jetstream().delete_stream(name)
+    finally:
+        await client.close()
