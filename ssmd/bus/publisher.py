@@ -1,8 +1,8 @@
 """Publishing to JetStream with many messages in flight, bounded memory, and retries.
 
 Each message carries `Nats-Msg-Id`, so JetStream drops a repeat inside the stream's duplicate
-window and answers with a PubAck marked `duplicate`; that counts as success, because the message
-is stored. A publish whose PubAck does not arrive in time is sent again with the same id after a
+window and returns a PubAck marked `duplicate`. That counts as success, because the message is
+stored. A publish whose PubAck does not arrive in time is sent again with the same id after a
 jittered backoff, until it is acknowledged or the publisher stops: giving up would let the
 caller confirm the slot past a message the stream may not hold.
 
@@ -74,8 +74,8 @@ class Publisher:
     `on_ack(token)` runs in the event loop once per message, with the token given to `publish`.
     A failure that no retry can fix (e.g. a message over the server's max_payload, or a stream
     that rejects the subject) is stored in `failure` and raised by the next `publish`/`drain`.
-    A PubAck is handled in a done-callback of nats-py's future rather than in a task per
-    message, which keeps the per-message cost low; only retries get a task.
+    A PubAck is handled in a done-callback of nats-py's future, not in a task per message,
+    because that costs less per message. Only retries get a task.
     """
 
     def __init__(
@@ -174,7 +174,7 @@ class Publisher:
             error = future.exception()
         if error is None and self._drop_acks > 0:
             self._drop_acks -= 1
-            error = TimeoutError(f"PubAck dropped by the test-only fault hook SSMD_FAULT_DROP_ACKS")
+            error = TimeoutError("PubAck dropped by the test-only fault hook SSMD_FAULT_DROP_ACKS")
 
         if error is None:
             self._complete(attempt, bool(future.result().duplicate))

@@ -5,9 +5,9 @@ Two readers yield the same thing, wal2json rows as bytes, and confirm the slot t
 - `ReplicationStream` uses the streaming replication protocol (`START_REPLICATION ... LOGICAL`)
   on a `replication=database` connection, through psycopg 3.3's low-level `pgconn`
   (`get_copy_data`, `put_copy_data`). It waits on the socket with `loop.add_reader`, so the
-  reader runs in the daemon's event loop next to the NATS client and needs no thread: the
-  decoding and publishing are CPU work under the GIL anyway, and one loop means the slot
-  position, the AckTracker and the publisher are only ever touched from one thread.
+  reader runs in the daemon's event loop next to the NATS client and needs no thread. Decoding
+  and publishing are CPU work under the GIL anyway. With one loop, the slot position, the
+  AckTracker and the publisher are only ever touched from one thread.
 - `SlotPoller` (`--poll`) peeks with `pg_logical_slot_peek_changes` through a server-side cursor
   and moves the slot with `pg_replication_slot_advance`.
 
@@ -64,8 +64,8 @@ def quote_literal(value: str) -> str:
 def escape_table_filter(name: str) -> str:
     """Escape one schema or table name for wal2json's add-tables list.
 
-    wal2json splits add-tables on unescaped commas and dots, treats `*` as a wildcard and strips
-    unescaped spaces, so each of those characters (and the backslash itself) takes a backslash.
+    The wal2json README (filter-tables, whose rules add-tables shares) requires a backslash
+    before space, single quote, comma, period and asterisk. The backslash itself gets one too.
     """
     return re.sub(r"([\\,.* '])", r"\\\1", name)
 
@@ -141,9 +141,9 @@ class ReplicationStream:
     async def read(self, timeout: float) -> ReadBatch:
         """Wait up to `timeout` seconds for data; return every row already buffered.
 
-        Keepalives are consumed here. One that asks for a reply is answered with the last
-        confirmed position at once, because the walsender drops a client that stays silent
-        past wal_sender_timeout.
+        Keepalives are consumed here. When one requests a reply, the last confirmed position is
+        sent at once, because the walsender drops a client that stays silent past
+        wal_sender_timeout.
         """
         pgconn = self._pgconn()
         batch = ReadBatch([], None)
@@ -243,7 +243,9 @@ class ReplicationStream:
             raise self._lost(exc) from exc
 
     def _lost(self, exc: Exception | None) -> DependencyError:
-        detail = str(exc) if exc else (self._conn.pgconn.error_message.decode(errors="replace").strip() if self._conn else "")
+        detail = str(exc) if exc else ""
+        if not detail and self._conn is not None:
+            detail = self._conn.pgconn.error_message.decode(errors="replace").strip()
         return DependencyError(f"replication stream of slot {self._slot} at {describe_target(self._dsn)} ended: {detail or 'connection closed'}")
 
 
@@ -275,7 +277,7 @@ class SlotPoller:
     """Polling fallback: peek changes through a server-side cursor, advance after PubAcks.
 
     A peek decodes from the slot's confirmed position every time, so a round re-reads what the
-    previous round did not advance past; the stream's dedupe window absorbs those repeats.
+    previous round did not advance past. The stream's duplicate window drops those repeats.
     """
 
     FETCH_ROWS = 2000
@@ -293,9 +295,9 @@ class SlotPoller:
     def peek(self) -> Iterable[list[bytes]]:
         """Yield lists of wal2json rows of whole transactions, decoded after the confirmed position.
 
-        PostgreSQL stops decoding after the transaction during which `max_changes` rows were
-        reached, so one huge transaction comes whole; the server keeps the result in a tuplestore
-        (spilled to disk) and the cursor fetches it in bounded batches.
+        PostgreSQL stops decoding only after the transaction during which `max_changes` rows
+        were reached, so one huge transaction comes whole. The server keeps the result in a
+        tuplestore (spilled to disk), and the cursor fetches it in bounded batches.
         """
         conn = self._connection()
         arguments = [item for pair in self._options.items() for item in pair]
