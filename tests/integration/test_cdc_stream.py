@@ -277,3 +277,20 @@ async def _delete_stream(url: str, name: str) -> None:
         await client.jetstream().delete_stream(name)
     finally:
         await client.close()
+
+
+def test_cdc_never_logs_password(ssmd_env, tmp_path):
+    # The throwaway server trusts 127.0.0.1, so it accepts and ignores these passwords.
+    url = ssmd_env["DATABASE_URL"].replace("postgres@", "postgres:pg-secret-1@", 1)
+    run_sql(url, MARKETS_SCHEMA)
+    env = {**ssmd_env, "DATABASE_URL": url}
+    process = CdcProcess(env, tmp_path / "cdc.log", extra_env={"LOG_LEVEL": "DEBUG", "NATS_PASSWORD": "nats-secret-2", "NATS_USER": "someone"})
+    try:
+        wait_until(lambda: "ssmd cdc starting" in process.log_text() or None, 30, "the start log line", process)
+    finally:
+        process.terminate()
+
+    log = process.log_text()
+    assert "pg-secret-1" not in log
+    assert "nats-secret-2" not in log
+    assert "postgres:***@" in log
