@@ -35,6 +35,9 @@ from ssmd.core.versioning import (
 from sim.database import NAMESPACES, TABLES, Database, Key
 from sim.jetstream import StoredMessage, Stream
 
+MAX_DELIVER = 4  # deliveries of a failing message before the handler terminates it
+NAK_DELAY = 3  # ms before a negatively acknowledged message is redelivered
+
 KEYSPACE = KeySpace(key_columns={name: spec.key_columns for name, spec in TABLES.items()})
 PREFIX_LENGTH = len(KEYSPACE.prefix) + 1
 
@@ -208,6 +211,8 @@ class CacheDaemon:
         identity, stored = self.handling.pop(index)
         if identity != stream.identity:
             return f"drop seq {stored.seq} of an old stream"
+        if stored.failures_left > 0:
+            return self._fail(db, stream, identity, stored, now)
         line = self.apply_message(db, stream, stored, now)
         if self.recorder is not None:
             self.recorder.delivered.append(stored)
@@ -215,6 +220,22 @@ class CacheDaemon:
         stream.ack(identity, stored.seq)
         self._advance(stored.seq)
         return line
+
+    def _fail(self, db: Database, stream: Stream, identity: int, stored: StoredMessage, now: int) -> str:
+        """Handle a failed apply: NAK it, or after the last delivery terminate it and re-warm.
+
+        A terminated message is never applied, so only a new snapshot can bring its change in.
+        """
+        stored.failures_left -= 1
+        deliveries = stream.deliveries.get(stored.seq, 0)
+        if deliveries < MAX_DELIVER:
+            stream.nak(identity, stored.seq, now + NAK_DELAY)
+            return f"seq {stored.seq} failed on delivery {deliveries}, nak"
+        stream.terminate(identity, stored.seq, now)
+        self._advance(stored.seq)
+        return f"seq {stored.seq} failed {deliveries} times, terminated; " + self.begin_warm(
+            db, stream, now, f"seq {stored.seq} terminated"
+        )
 
     def _advance(self, seq: int) -> None:
         if seq <= self.applied_seq:

@@ -3,7 +3,8 @@
 The stream deduplicates by `Nats-Msg-Id` within a window of virtual time, keeps at most
 `max_messages` (discard-old), and can be deleted and created again by an administrator, which
 gives it a new identity. The consumer redelivers a message whose ack did not arrive within
-`ack_wait`, and may deliver unacknowledged messages out of order.
+`ack_wait` or that was negatively acknowledged, and may deliver unacknowledged messages out of
+order. A handler terminates (AckTerm) a message that failed on its last allowed delivery.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class StoredMessage:
     message: Message
     change_lsn: int  # the change's own LSN, carried only for the `change-lsn-order` strategy
     commit_time: int
+    failures_left: int = 0  # handler failures still to come, injected as a fault
 
 
 @dataclass(slots=True)
@@ -32,6 +34,8 @@ class Stream:
     dedupe: dict[str, int] = field(default_factory=dict)
     acked: set[int] = field(default_factory=set)
     deadlines: dict[int, int] = field(default_factory=dict)  # seq -> redelivery time
+    deliveries: dict[int, int] = field(default_factory=dict)  # seq -> delivery count
+    terminated: list[tuple[int, int, int]] = field(default_factory=list)  # (time, identity, seq)
     ever_stored: set[str] = field(default_factory=set)  # msg ids stored in any stream
     discarded: list[tuple[int, int, int]] = field(default_factory=list)  # (time, identity, seq) not yet acked
 
@@ -56,6 +60,7 @@ class Stream:
             self.discarded.append((now, self.identity, seq))
         self.acked.discard(seq)
         self.deadlines.pop(seq, None)
+        self.deliveries.pop(seq, None)
 
     def recreate(self) -> None:
         """Delete the stream and create it again: new identity, sequences restart at 1."""
@@ -66,6 +71,7 @@ class Stream:
         self.dedupe.clear()
         self.acked.clear()
         self.deadlines.clear()
+        self.deliveries.clear()
 
     def deliverable(self, now: int, limit: int) -> list[int]:
         """Return up to `limit` sequences the consumer may deliver now, oldest first."""
@@ -82,7 +88,19 @@ class Stream:
 
     def deliver(self, seq: int, now: int, ack_wait: int) -> StoredMessage:
         self.deadlines[seq] = now + ack_wait
+        self.deliveries[seq] = self.deliveries.get(seq, 0) + 1
         return self.messages[seq]
+
+    def nak(self, identity: int, seq: int, redeliver_at: int) -> None:
+        if identity == self.identity and seq in self.messages and seq not in self.acked:
+            self.deadlines[seq] = redeliver_at
+
+    def terminate(self, identity: int, seq: int, now: int) -> None:
+        """Stop redelivering a message the handler gave up on (AckTerm)."""
+        if identity == self.identity and seq in self.messages and seq not in self.acked:
+            self.acked.add(seq)
+            self.deadlines.pop(seq, None)
+            self.terminated.append((now, identity, seq))
 
     def ack(self, identity: int, seq: int) -> None:
         if identity == self.identity and seq in self.messages:

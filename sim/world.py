@@ -264,6 +264,13 @@ class World:
     def handle(self, index: int = 0) -> str:
         return self.cache.handle(self.db, self.stream, index, self.now)
 
+    def poison_message(self) -> str:
+        """Make the handler fail on a stored message a few times, or on every delivery."""
+        seq = self.rng.choice(list(self.stream.messages))
+        failures = self.rng.choice((1, 2, 3, 1_000_000))
+        self.stream.messages[seq].failures_left = failures
+        return f"seq {seq} will fail {failures} times"
+
     def drop_slot(self) -> str:
         self.db.drop_slot()
         self.publisher.crash()
@@ -373,6 +380,8 @@ class World:
                 actions.append((rate * 10, self.crash_cache))
             if db.slot_exists:
                 actions.append((rate, self.drop_slot))
+            if self.stream.messages:
+                actions.append((rate * 3, self.poison_message))
             actions.append((rate, self.recreate_stream))
         return actions
 
@@ -449,7 +458,16 @@ class World:
                 actual = read_at is not None and transactions[commit_lsn].visible_at <= read_at
             decisions.append(BoundaryDecision(table, position, decided, actual))
 
-        discards = [Gap(time, f"stream discarded seq {seq} before it was applied") for time, identity, seq in self.stream.discarded if (identity, seq) not in recorder.applied]
+        discards = [
+            Gap(time, f"stream discarded seq {seq} before it was applied")
+            for time, identity, seq in self.stream.discarded
+            if (identity, seq) not in recorder.applied
+        ]
+        discards += [
+            Gap(time, f"handler terminated seq {seq} before it was applied")
+            for time, identity, seq in self.stream.terminated
+            if (identity, seq) not in recorder.applied
+        ]
         return History(
             version_writes=[VersionWrite(namespace, key, version.pack()) for namespace, key, version in recorder.version_writes],
             confirmations=self.publisher.confirmations,

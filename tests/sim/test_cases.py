@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from sim.cache import MAX_DELIVER, NAK_DELAY
 from sim.world import Result, World
 from tests.sim.helpers import describe
 
@@ -144,3 +145,27 @@ def test_redelivery_out_of_order_breaks_blind_set():
     world, result = redelivery("blind-set")
     assert "monotonic" in result.invariants, describe(result)
     assert world.cached("markets", "TEST-1")["status"] == "open"
+
+
+def test_always_failing_message_is_terminated_and_rewarmed():
+    world = ready_world()
+    insert_markets(world, "TEST-1")
+    transaction = world.begin()
+    world.update(transaction, "markets", ("TEST-1",), status="halted")
+    world.commit(transaction, visible_delay=0)
+    world.publish_all()
+    seq = world.stream.last_seq
+    world.stream.messages[seq].failures_left = 1_000_000
+
+    for delivery in range(1, MAX_DELIVER + 1):
+        world.tick(NAK_DELAY + 1)
+        assert world.deliver_all() == 1
+        world.log(world.handle(0))
+        assert world.stream.deliveries[seq] == delivery
+    assert "terminated; warm begin" in world.trace[-1]
+    world.tick(world.params.ack_wait + 1)
+    assert world.deliver_all() == 0  # never delivered again
+
+    result = finish(world)
+    assert result.violations == [], describe(result)
+    assert world.cached("markets", "TEST-1")["status"] == "halted"
