@@ -51,6 +51,10 @@ def interleaved(strategy: str) -> tuple[World, Result]:
 
     assert a.changes[0].change_lsn < b.changes[0].change_lsn
     assert a.commit_lsn > b.commit_lsn
+    assert a.commit_lsn == world.cache.warm.snapshot_lsn  # commits exactly at the consistent point
+    while world.cache.can_warm():  # the warm rows land before A's change is applied
+        world.tick()
+        world.log(world.cache.warm_step(world.db, world.now, 2))
     return world, finish(world)
 
 

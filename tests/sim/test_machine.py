@@ -45,6 +45,11 @@ class SimulatorMachine(RuleBasedStateMachine):
     def recreate_stream(self):
         self.world.log(self.world.recreate_stream())
 
+    @rule()
+    def poison_message(self):
+        if self.world.stream.messages:
+            self.world.log(self.world.poison_message())
+
     @rule(ms=st.integers(1, 200))
     def pass_time(self, ms):
         self.world.tick(ms)
