@@ -34,7 +34,7 @@ def finish(world: World) -> Result:
     return Result(world.seed, world.strategy, world.check(), world.trace)
 
 
-# --- case 7: interleaved transactions -------------------------------------------------------
+# --- interleaved transactions --------------------------------------------------------------
 
 
 def interleaved(strategy: str) -> tuple[World, Result]:
@@ -71,7 +71,7 @@ def test_interleaved_transactions_break_change_lsn_order():
     assert world.cached("markets", "TEST-1")["status"] == "open"
 
 
-# --- case 9: warm race ----------------------------------------------------------------------
+# --- warm race -----------------------------------------------------------------------------
 
 
 def warm_race(strategy: str, applied_before_warm_ends: int, chunk: int) -> tuple[World, Result]:
@@ -117,7 +117,7 @@ def test_warm_race_without_tombstone_resurrects():
     assert any("no-resurrection" in result.invariants for result in results)
 
 
-# --- case 11: redelivery out of order -------------------------------------------------------
+# --- redelivery out of order ---------------------------------------------------------------
 
 
 def redelivery(strategy: str) -> tuple[World, Result]:
