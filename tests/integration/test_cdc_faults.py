@@ -14,7 +14,7 @@ import pytest
 from ssmd.core.lsn import Lsn
 from ssmd.cdc.daemon import FAULT_EXIT_CODE
 from tests.integration.cdc_support import (
-    MARKETS_SCHEMA, CdcProcess, changes, read_stream, run_sql, slot_state, wait_streaming, wait_until,
+    MARKETS_SCHEMA, CdcProcess, changes, read_stream, run_sql, slot_state, stream_count, wait_streaming, wait_until,
 )
 
 THREE_CHANGES = (
@@ -31,7 +31,12 @@ def env(ssmd_env):
 
 def _start(env, tmp_path, *args, **extra_env) -> CdcProcess:
     process = CdcProcess(env, tmp_path / "cdc.log", *args, extra_env=extra_env)
-    wait_streaming(env["DATABASE_URL"], env["REPLICATION_SLOT"], process)
+    if "--poll" in args:
+        # A polling daemon holds the slot only during a peek; the slot_created message comes
+        # after the slot and the stream exist.
+        wait_until(lambda: stream_count(env["NATS_URL"], env["NATS_STREAM"]) > 0, 30, "the slot_created message", process, interval=0.2)
+    else:
+        wait_streaming(env["DATABASE_URL"], env["REPLICATION_SLOT"], process)
     return process
 
 
@@ -52,8 +57,9 @@ def _assert_one_copy_each(messages):
     assert len(ids) == len(set(ids)), f"duplicate message ids in the stream: {ids}"
 
 
-def test_crash_after_two_of_three_acks(env, tmp_path):
-    process = _start(env, tmp_path, SSMD_FAULT_EXIT_AFTER_ACKS="2")
+@pytest.mark.parametrize("mode", [(), ("--poll", "--poll-interval-ms", "100")], ids=["stream", "poll"])
+def test_crash_after_two_of_three_acks(env, tmp_path, mode):
+    process = _start(env, tmp_path, *mode, SSMD_FAULT_EXIT_AFTER_ACKS="2")
     run_sql(env["DATABASE_URL"], THREE_CHANGES)
     assert process.wait(30) == FAULT_EXIT_CODE, process.log_text()[-3000:]
 
@@ -62,7 +68,7 @@ def test_crash_after_two_of_three_acks(env, tmp_path):
     commit_lsn = Lsn.parse(stored[0].body["lsn"])
     assert _confirmed(env) <= commit_lsn
 
-    process = _start(env, tmp_path)
+    process = _start(env, tmp_path, *mode)
     messages = _wait_changes(env, 3, process)
     wait_until(lambda: _confirmed(env) > commit_lsn, 30, "slot confirmed past the transaction", process)
     assert process.terminate() == 0
