@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: about a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, up to ~15 minutes (default full)")
+    parser.add_argument("--markets", type=int, help="override the size's number of markets rows (warm table)")
+    parser.add_argument("--transactions", type=int, help="override the size's number of single-row transactions and rows of the big transaction")
     parser.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write; an existing `## Analysis` section in it is kept (default BENCHMARKS.md)")
     parser.add_argument("--profile", action="store_true", help="run the daemons under cProfile and add their top functions to the report; rates are then lower")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with server and daemon logs, and print its path")
@@ -31,8 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     size = SIZES[args.size]
+    if args.markets is not None or args.transactions is not None:
+        size = size.scaled(markets_rows=args.markets, transactions=args.transactions)
     started = time.perf_counter()
-    report = Report(size=args.size, started_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=describe_machine())
+    report = Report(size=size.describe(args.size), started_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=describe_machine())
 
     # The postgres OS user must be able to enter the directory, hence /tmp and mode 0755.
     root = Path(tempfile.mkdtemp(prefix="ssmd-bench-", dir="/tmp"))

@@ -2,10 +2,10 @@
 
 Run as `python -m ssmd.bench.latency REDIS_URL KEY_PATTERN LABEL DRAIN_S` in its own process, so the
 paced writer and the reader do not share one interpreter. It turns on keyspace notifications
-for string commands (`notify-keyspace-events K$`), subscribes to the value keys of the pattern,
-and for every `set` notes the arrival time, then GETs the keys that arrived (one pipeline per
-burst) and parses `<label> <seq> <epoch>` from the row's title. Latency of a seq is its first
-arrival time minus its commit stamp.
+for string commands (`notify-keyspace-events K$`) and subscribes to the value keys of the
+pattern. For every `set` it notes the arrival time. Then it reads the keys that arrived (one
+MGET per burst) and parses `<label> <seq> <epoch>` from each row's title. The latency of a seq
+is its first arrival time minus its commit stamp.
 
 A key is updated again only after the writer went round its ring of rows (several seconds at
 the rates used), so the value read right after a notification is the value that caused it.

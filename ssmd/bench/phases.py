@@ -15,7 +15,7 @@ import pstats
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nats
@@ -26,6 +26,8 @@ from ssmd.bench.latency import summarize
 from ssmd.bench.report import Measurement, Report
 from ssmd.bench.stack import BenchStack, Daemon, wait_until
 from ssmd.bus.stream import StreamLimits, ensure_stream
+from ssmd.cache.warm import BATCH_ROWS as WARM_BATCH_SIZE
+from ssmd.core.errors import ConfigError
 from ssmd.core.keys import KeySpace
 from ssmd.dev.sample import load_sample
 
@@ -44,11 +46,10 @@ BIG_LABEL = "bench-big-txn"
 LATENCY_RING_MAX = 20_000
 CACHE_DB = 0
 CEILING_DB = 1
-WARM_BATCH_SIZE = 500
 SAMPLED_VALUES = 1000
 POLL_S = 0.02
 
-# Targets from the product brief; reported beside the figures, never asserted by tests.
+# Targets: reported beside the figures, never asserted by tests.
 TARGET_E2E_RATIO = 0.3
 TARGET_P99_MS_AT_1000 = 25.0
 TARGET_WARM_RATIO = 0.5
@@ -63,6 +64,18 @@ class Size:
     latency_seconds: float
     phase_timeout_s: float
     drain_timeout_s: float
+
+    def scaled(self, *, markets_rows: int | None, transactions: int | None) -> Size:
+        """Return this size with other row counts; the markets table must hold every target row."""
+        markets = markets_rows if markets_rows is not None else self.markets_rows
+        stream = transactions if transactions is not None else self.stream_transactions
+        big = transactions if transactions is not None else self.big_transaction_rows
+        if min(markets, stream, big) < 1 or markets < max(stream, big + 1):
+            raise ConfigError(f"invalid benchmark size: --markets {markets} must be at least --transactions {max(stream, big)} + 1, and both positive")
+        return replace(self, markets_rows=markets, stream_transactions=stream, big_transaction_rows=big)
+
+    def describe(self, name: str) -> str:
+        return f"{name} ({self.markets_rows:,} markets, {self.stream_transactions:,} transactions, big transaction {self.big_transaction_rows:,} rows)"
 
 
 SIZES = {
@@ -154,8 +167,8 @@ class BenchRun:
             rate = ceilings.redis_cas_rate(f"{self.stack.redis.url}/{CEILING_DB}", values, rows, WARM_BATCH_SIZE)
             ceiling.value = rate
             warm.ceiling_value = rate
-            sizes = sorted(len(value) for value in values)
-            ceiling.detail = f"{rows:,} keys, batches of {WARM_BATCH_SIZE}, {len(values)} sampled values of median {sizes[len(sizes) // 2]} bytes"
+            mean_size = sum(len(value) for value in values) / len(values)
+            ceiling.detail = f"{rows:,} keys, batches of {WARM_BATCH_SIZE}, values cycled from {len(values)} cached rows of all tables (mean {mean_size:.0f} bytes)"
         except Exception as exc:
             ceiling.error = _short(exc)
             log.exception("Redis ceiling failed")
@@ -280,17 +293,11 @@ class BenchRun:
             log.exception("peak RSS phase failed")
 
     def profiles(self) -> None:
-        """Add the top functions of each profiled daemon (after the daemons stopped)."""
+        """Add each profiled daemon's hot files and functions (after the daemons stopped)."""
         for daemon in self.daemons:
             path = self.work_dir / f"{daemon.name}.prof"
-            if not path.exists():
-                continue
-            buffer = io.StringIO()
-            stats = pstats.Stats(str(path), stream=buffer)
-            stats.strip_dirs().sort_stats("tottime").print_stats(20)
-            text = buffer.getvalue()
-            start = text.find("   ncalls")
-            self.report.add_section(f"Profile of {daemon.name} (cProfile, top 20 by own time)", "```\n" + text[start if start >= 0 else 0:].rstrip() + "\n```")
+            if path.exists():
+                self.report.add_section(f"Profile of {daemon.name} (cProfile)", format_profile(path))
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -331,14 +338,21 @@ class BenchRun:
         return self.keyspace.row_value_key("public", "markets", {"ticker": ticker})
 
     def _sample_cached_values(self) -> list[bytes]:
-        keys = []
-        for key in self.redis.scan_iter(match=self.keyspace.namespace_pattern("market"), count=1000):
-            keys.append(key)
-            if len(keys) >= SAMPLED_VALUES:
-                break
-        values = [value for value in self.redis.mget(keys) if value]
+        """Return cached rows of every table, in the proportion of the tables' row counts."""
+        counts = {"market": self.counts.markets, "event": self.counts.events, "fee": self.counts.series_fees}
+        largest = max(counts.values())
+        values: list[bytes] = []
+        for namespace, count in counts.items():
+            wanted = max(1, SAMPLED_VALUES * count // largest) if count else 0
+            keys = []
+            for key in self.redis.scan_iter(match=self.keyspace.namespace_pattern(namespace), count=1000):
+                keys.append(key)
+                if len(keys) >= wanted:
+                    break
+            if keys:
+                values += [value for value in self.redis.mget(keys) if value]
         if not values:
-            raise RuntimeError("the cache holds no market rows to sample values from")
+            raise RuntimeError("no rows found in the cache to sample values from: the warm wrote none")
         return values
 
     def _time_stream_fill(self, nats_url: str, stream: str, daemon: Daemon) -> tuple[float, float, float]:
@@ -404,3 +418,42 @@ async def _change_messages(js, stream: str) -> int:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def format_profile(path: Path, top: int = 20) -> str:
+    """Return own time summed per source file, then the top functions by own time.
+
+    Time in `select.epoll.poll` is the event loop waiting for I/O, not work, so the per-file
+    shares leave it out.
+    """
+    stats = pstats.Stats(str(path))
+    by_file: dict[str, float] = {}
+    idle = 0.0
+    for (filename, _line, function), (_calls, _primitive, own, _cumulative, _callers) in stats.stats.items():
+        if "poll" in function and "epoll" in function:
+            idle += own
+            continue
+        name = _source_name(filename)
+        by_file[name] = by_file.get(name, 0.0) + own
+    busy = sum(by_file.values()) or 1.0
+    lines = [f"Busy {busy:.1f} s, waiting in epoll {idle:.1f} s. Own time by file:", "", "| file | own s | share |", "|---|---|---|"]
+    for name, seconds in sorted(by_file.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"| {name} | {seconds:.2f} | {seconds / busy:.0%} |")
+
+    buffer = io.StringIO()
+    pstats.Stats(str(path), stream=buffer).sort_stats("tottime").print_stats(top)
+    text = buffer.getvalue()
+    start = text.find("   ncalls")
+    lines += ["", f"Top {top} functions by own time:", "", "```", text[max(start, 0):].rstrip(), "```"]
+    return "\n".join(lines)
+
+
+def _source_name(filename: str) -> str:
+    """Shorten a code path to `ssmd/...` or `<package>/...`; built-ins keep their `~` name."""
+    marker = "/ssmd/"
+    if marker in filename:
+        return "ssmd/" + filename.rsplit(marker, 1)[1]
+    for anchor in ("/site-packages/", "/lib/python3.11/"):
+        if anchor in filename:
+            return filename.rsplit(anchor, 1)[1]
+    return filename

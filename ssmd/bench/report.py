@@ -138,7 +138,7 @@ def render_markdown(report: Report, method: str, kept_analysis: str | None) -> s
     """Return BENCHMARKS.md: results, machine, method, extra sections, then any kept analysis."""
     parts = [
         "# ssmd benchmarks\n",
-        f"Written by `ssmd bench --size {report.size}`, run started {report.started_at}, "
+        f"Written by `ssmd bench`, size {report.size}, run started {report.started_at}, "
         f"took {report.duration_s / 60:.1f} min. Every rate sits beside a ceiling measured in the "
         "same run on the same servers, because the shared 2-core machines this ran on vary in "
         "speed from run to run more than the ratios do. Targets are reported, never asserted by tests.\n",
