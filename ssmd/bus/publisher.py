@@ -103,6 +103,10 @@ class Publisher:
         self._idle.set()
         self._retries: set[asyncio.Task] = set()
         self._closed = False
+        self._loop = asyncio.get_running_loop()
+        # Read at scrape time: setting a gauge twice per message costs more than the scrape.
+        metrics.in_flight_messages.set_function(lambda: self._count)
+        metrics.in_flight_bytes.set_function(lambda: self._bytes)
         self.failure: SsmdError | None = None
         # Test-only fault hook: treat the first N PubAcks as lost, so the retry path runs.
         self._drop_acks = drop_first_acks
@@ -122,7 +126,6 @@ class Publisher:
         self._count += 1
         self._bytes += size
         self._idle.clear()
-        self._update_gauges()
         await self._send(_Attempt(message, token))
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -161,7 +164,7 @@ class Publisher:
             self._fail(_permanent_error(exc, message, self._stream))
             return
         # Cancelling the future on timeout also releases nats-py's pending-publish slot.
-        timer = asyncio.get_running_loop().call_later(self._settings.ack_timeout_s, future.cancel)
+        timer = self._loop.call_later(self._settings.ack_timeout_s, future.cancel)
         future.add_done_callback(lambda done: self._on_done(attempt, timer, done))
 
     def _on_done(self, attempt: _Attempt, timer: asyncio.TimerHandle, future: asyncio.Future) -> None:
@@ -198,7 +201,6 @@ class Publisher:
 
         self._count -= 1
         self._bytes -= size
-        self._update_gauges()
         self._room.set()
         if self._count == 0:
             self._idle.set()
@@ -210,7 +212,7 @@ class Publisher:
         log.log(level, "publish failed, retrying with the same id msg_id=%s subject=%s attempt=%s delay_s=%.2f error=%s",
                 attempt.message.msg_id, attempt.message.subject, attempt.number, delay,
                 type(error).__name__ + (f": {error}" if str(error) else ""))
-        task = asyncio.get_running_loop().create_task(self._retry(attempt, delay), name=f"retry {attempt.message.msg_id}")
+        task = self._loop.create_task(self._retry(attempt, delay), name=f"retry {attempt.message.msg_id}")
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
@@ -231,10 +233,6 @@ class Publisher:
     def _raise_failure(self) -> None:
         if self.failure is not None:
             raise self.failure
-
-    def _update_gauges(self) -> None:
-        self._metrics.in_flight_messages.set(self._count)
-        self._metrics.in_flight_bytes.set(self._bytes)
 
 
 def _permanent_error(exc: BaseException, message: Message, stream: str) -> SsmdError:
