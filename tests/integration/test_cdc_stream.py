@@ -10,6 +10,7 @@ import nats
 import psycopg
 import pytest
 
+from ssmd.bus.stream import StreamLimits, ensure_stream, read_stream_state
 from ssmd.core.jsontext import JsonNumber
 from ssmd.core.lsn import Lsn
 from ssmd.dev.servers import free_port
@@ -294,3 +295,32 @@ def test_cdc_never_logs_password(ssmd_env, tmp_path):
     assert "pg-secret-1" not in log
     assert "nats-secret-2" not in log
     assert "postgres:***@" in log
+
+
+async def test_stream_created_then_updated(nats_server, fresh_stream_name):
+    client = await nats.connect(nats_server.url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = client.jetstream()
+        created = await ensure_stream(js, fresh_stream_name, StreamLimits(max_messages=100, duplicate_window_s=60))
+        await js.publish("cdc.markets.insert", b"{}", headers={"Nats-Msg-Id": "0/1:0"})
+        await js.publish("cdc.markets.insert", b"{}", headers={"Nats-Msg-Id": "0/1:0"})
+        updated = await ensure_stream(js, fresh_stream_name, StreamLimits(max_messages=50, max_age_s=3600, duplicate_window_s=30))
+        config = (await js.stream_info(fresh_stream_name)).config
+        state = await read_stream_state(js, fresh_stream_name)
+        missing = await read_stream_state(js, fresh_stream_name + "_NONE")
+    finally:
+        await client.close()
+
+    assert created.last_seq == 0
+    assert config.subjects == ["cdc.>"]
+    assert config.max_msgs == 50
+    assert config.max_age == 3600
+    assert config.duplicate_window == 30
+    assert config.discard == "old"
+    assert config.storage == "file"
+    assert updated.created == created.created
+    assert state.first_seq == 1
+    assert state.last_seq == 1
+    assert state.messages == 1
+    assert state.created is not None
+    assert missing is None
