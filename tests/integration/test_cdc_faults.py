@@ -32,8 +32,8 @@ def env(ssmd_env):
 def _start(env, tmp_path, *args, **extra_env) -> CdcProcess:
     process = CdcProcess(env, tmp_path / "cdc.log", *args, extra_env=extra_env)
     if "--poll" in args:
-        # A polling daemon holds the slot only during a peek; the slot_created message comes
-        # after the slot and the stream exist.
+        # A polling daemon is the slot's active process only during a peek. The slot_created
+        # message is published once the slot and the stream exist.
         wait_until(lambda: stream_count(env["NATS_URL"], env["NATS_STREAM"]) > 0, 30, "the slot_created message", process, interval=0.2)
     else:
         wait_streaming(env["DATABASE_URL"], env["REPLICATION_SLOT"], process)
