@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -92,27 +93,40 @@ def fresh_slot_name(request):
 
 @pytest.fixture
 def fresh_stream_name(nats_server):
-    """A JetStream stream name no other test uses; the stream is deleted after the test.
+    """A JetStream stream name no other test uses; every stream is deleted after the test.
 
-    Streams in one account cannot share subjects, so a test must not leave its `cdc.>` stream
-    behind for the next one.
+    Streams in one account cannot share subjects, so a stream left behind on `cdc.>` would make
+    every later test's stream fail to be created. The session's NATS server belongs to this
+    session alone, so any stream found on it before or after the test is a leftover: it is
+    deleted, and a warning names it.
     """
     name = f"T{next(_counter)}_{uuid.uuid4().hex[:8].upper()}"
+    leftovers = asyncio.run(_delete_streams(nats_server.url))
+    if leftovers:
+        warnings.warn(f"deleted JetStream streams left by an earlier test: {', '.join(leftovers)}", stacklevel=1)
     yield name
-    asyncio.run(_delete_stream(nats_server.url, name))
+    leftovers = [stream for stream in asyncio.run(_delete_streams(nats_server.url)) if stream != name]
+    if leftovers:
+        warnings.warn(f"deleted JetStream streams the test did not name: {', '.join(leftovers)}", stacklevel=1)
 
 
-async def _delete_stream(url: str, name: str) -> None:
+async def _delete_streams(url: str) -> list[str]:
+    """Delete every stream on the server and return their names."""
     import nats
     from nats.js.errors import NotFoundError
 
     client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
     try:
-        await client.jetstream().delete_stream(name)
-    except NotFoundError:
-        pass
+        jetstream = client.jetstream()
+        names = [info.config.name for info in await jetstream.streams_info()]
+        for name in names:
+            try:
+                await jetstream.delete_stream(name)
+            except NotFoundError:
+                pass  # a process of the test deleted it meanwhile
     finally:
         await client.close()
+    return sorted(names)
 
 
 @pytest.fixture
