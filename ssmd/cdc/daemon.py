@@ -36,7 +36,7 @@ from ssmd.cdc.pipeline import ChangePipeline
 from ssmd.config import redact_url
 from ssmd.core.confirm import AckTracker
 from ssmd.core.envelope import SLOT_CREATED_SUBJECT, encode_slot_created
-from ssmd.core.errors import ConfigError, DependencyError, SsmdError
+from ssmd.core.errors import DependencyError, SsmdError
 from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
 from ssmd.logs import fields
@@ -138,12 +138,11 @@ class CdcDaemon:
                     raise
                 failures += 1
                 delay = backoff_delay(failures, self.rng, self.settings.reconnect_initial_s, self.settings.reconnect_max_s)
+                self.metrics.reconnects.inc()
                 log.warning("slot still in use after a lost connection, retrying %s error=%s", fields(attempt=failures, delay_s=f"{delay:.2f}"), exc)
                 await self._close(session, graceful=False)
                 await self._sleep(delay)
                 continue
-            except ConfigError:
-                raise
             except (DependencyError, psycopg.OperationalError, nats.errors.Error, OSError, TimeoutError) as exc:
                 failures += 1
                 self.readiness.set_not_ready(f"reconnecting: {exc}")
@@ -153,6 +152,11 @@ class CdcDaemon:
                 await self._close(session, graceful=False)
                 await self._sleep(delay)
                 continue
+            except Exception:
+                # A ConfigError, bad input or a bug: no retry can help, so the daemon exits
+                # without confirming anything new.
+                await self._close(session, graceful=False)
+                raise
             await self._close(session, graceful=True)
 
     async def _run_until_stopped(self, work) -> None:
