@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
 import shutil
+import signal
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -39,6 +42,50 @@ def _start(start, *args, **kwargs):
         return start(*args, **kwargs)
     except (ConfigError, ServerStartError) as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _end_leftover_processes():
+    """Terminate child processes that tests left running, after every server has stopped.
+
+    A daemon subprocess that outlives its test would otherwise keep retrying its connections
+    after the session ends, and could keep CI's output open.
+    """
+    yield
+    leftovers = _child_processes(os.getpid())
+    for pid in leftovers:
+        _terminate(pid)
+    if leftovers:
+        warnings.warn(f"terminated {len(leftovers)} process(es) that tests left running: {leftovers}", stacklevel=1)
+
+
+def _child_processes(parent: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # After the command name come the state and then the parent pid; zombies are skipped.
+        if int(fields[1]) == parent and fields[0] != b"Z":
+            children.append(int(entry.name))
+    return sorted(children)
+
+
+def _terminate(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 @pytest.fixture(scope="session")
