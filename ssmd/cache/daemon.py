@@ -26,7 +26,7 @@ from ssmd.bus.stream import StreamState, read_stream_state
 from ssmd.cache.apply import Applier, BeforeApplyHook, RewarmNeeded
 from ssmd.cache.continuity import SequenceTracker, format_created, rewarm_reason, stream_gap_reason
 from ssmd.cache.metrics import CacheMetrics
-from ssmd.cache.warm import AfterSnapshotHook, Warmer
+from ssmd.cache.warm import AfterSnapshotHook, Warmer, WarmResult
 from ssmd.core.errors import DependencyError
 from ssmd.core.keys import KeySpace
 from ssmd.core.lsn import Lsn
@@ -87,6 +87,7 @@ class CacheDaemon:
         self.hooks = hooks or CacheHooks()
         self.readiness = Readiness()
         self.warms_done = 0
+        self.last_warm: WarmResult | None = None
         self._rng = rng or random.Random()
         self._clock = clock
         self._keyspace = KeySpace(namespaces=settings.namespaces)
@@ -184,7 +185,7 @@ class CacheDaemon:
         meta = await store.read_meta()
         floors = read_floors(meta)
         warmer = Warmer(
-            self.settings.database_url, store, self.settings.tables, floors, self.metrics,
+            self.settings.database_url, self.settings.redis_url, store, self.settings.tables, floors, self.metrics,
             delay_ms=self.settings.warm_delay_ms, after_snapshot=self.hooks.after_snapshot,
         )
         warm_task = asyncio.create_task(warmer.run())
@@ -202,6 +203,7 @@ class CacheDaemon:
                 result = warm_task.result()
                 await store.write_meta({"state": "ready", "snapshot_lsn": str(result.snapshot_lsn), "warm_rows": result.rows})
                 self.warms_done += 1
+                self.last_warm = result
                 self.readiness.set_ready()
                 log.info("cache ready %s", fields(snapshot_lsn=result.snapshot_lsn, rows=result.rows, swept=result.swept))
                 applier.check_meta = True

@@ -1,11 +1,12 @@
 """Warm: copy every followed table from an exported snapshot into Redis at version (S, 0).
 
-A worker thread reads the snapshot (`ssmd.pg.snapshot`) and encodes rows; the event loop writes
-them in pipelined batches through the versioned write script, so a change the consumer already
-applied (version above (S, 0)) is never overwritten by the older snapshot row, and a tombstone
-left by a delete stops the snapshot row from coming back. The consumer runs at the same time.
-After the last row, a sweep removes every entry of the followed namespaces older than (S, 0):
-rows deleted while the cache was down, and tombstones no longer needed.
+A worker thread reads the snapshot (`ssmd.pg.snapshot`), encodes rows and writes them in
+pipelined batches through the versioned write script on a blocking Redis client. The scripts
+make the order of warm and consumer writes irrelevant: a change the consumer already applied
+has a version above (S, 0), so the older snapshot row does not replace it, and a tombstone
+left by a delete stops the snapshot row from coming back. The consumer runs at the same time
+on the event loop. After the last row, a sweep removes every entry of the followed namespaces
+older than (S, 0): rows deleted while the cache was down, and tombstones no longer needed.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from ssmd.core.position import Position, warm_version
 from ssmd.core.tables import TableInfo
 from ssmd.logs import fields
 from ssmd.pg.snapshot import SnapshotReader
-from ssmd.store.cache_store import CacheStore
-from ssmd.store.scripts import APPLIED, Script, ScriptCall
+from ssmd.store.cache_store import CacheStore, connect_redis_blocking, sweep_blocking
+from ssmd.store.scripts import APPLIED, BlockingScriptRunner, Script, ScriptCall
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1000
-QUEUE_BATCHES = 4
 PROGRESS_INTERVAL_S = 5.0
 
 AfterSnapshotHook = Callable[[Lsn], None]
@@ -45,19 +45,8 @@ class WarmResult:
     seconds: float
 
 
-@dataclass
-class _Batch:
-    namespace: str
-    rows: list[tuple[str, bytes]]
-
-
-class _Done:
-    pass
-
-
-class _Failed:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+class WarmCancelled(Exception):
+    """The daemon stopped the warm (stop signal or a re-warm)."""
 
 
 class Warmer:
@@ -66,6 +55,7 @@ class Warmer:
     def __init__(
         self,
         dsn: str,
+        redis_url: str,
         store: CacheStore,
         table_names: list[str],
         floors: Mapping[str, Position],
@@ -75,6 +65,7 @@ class Warmer:
         after_snapshot: AfterSnapshotHook | None = None,
     ) -> None:
         self._dsn = dsn
+        self._redis_url = redis_url
         self._store = store
         self._table_names = table_names
         self._floors = floors
@@ -92,99 +83,104 @@ class Warmer:
         """Warm every followed table; `snapshot_ready` resolves with S as soon as it is known."""
         loop = asyncio.get_running_loop()
         self.snapshot_ready = loop.create_future()
-        queue: asyncio.Queue = asyncio.Queue(QUEUE_BATCHES)
         started = time.monotonic()
-        reader = asyncio.create_task(asyncio.to_thread(self._read, loop, queue))
         try:
-            written, rows = await self._write(queue, started)
+            rows, written, swept = await asyncio.to_thread(self._copy, loop, started)
         finally:
             self._cancel.set()
-            await asyncio.gather(reader, return_exceptions=True)
         snapshot_lsn, _, _ = self.snapshot_ready.result()
 
-        swept = 0
-        for table in self._table_names_resolved:
-            namespace = self.keyspace.namespace(table.schema, table.name)
-            swept += await self._store.sweep(namespace, warm_version(snapshot_lsn))
         seconds = time.monotonic() - started
         self._metrics.warm_swept.set(swept)
+        self._metrics.warm_rows_per_second.set(rows / seconds if seconds else 0.0)
         log.info("warm finished %s", fields(snapshot_lsn=snapshot_lsn, rows=rows, written=written, swept=swept, seconds=f"{seconds:.1f}", rows_per_s=f"{rows / seconds if seconds else 0:.0f}"))
         return WarmResult(snapshot_lsn, rows, written, swept, seconds)
 
-    def _read(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        # Runs in a worker thread; hands batches to the loop with back-pressure.
-        def put(item) -> None:
-            while not self._cancel.is_set():
-                future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-                try:
-                    future.result(timeout=1.0)
-                    return
-                except TimeoutError:
-                    future.cancel()
+    def cancel(self) -> None:
+        """Make the worker thread stop after its current batch."""
+        self._cancel.set()
 
+    def _copy(self, loop: asyncio.AbstractEventLoop, started: float) -> tuple[int, int, int]:
+        # Runs in a worker thread: snapshot, encode, write and sweep; returns (rows, written, swept).
+        client = connect_redis_blocking(self._redis_url, name="ssmd-cache-warm")
         try:
+            scripts = BlockingScriptRunner(client)
+            scripts.load()
             with SnapshotReader(self._dsn) as reader:
                 tables = [reader.table_info(name) for name in self._table_names]
                 estimate = sum(reader.estimate_rows(table) for table in tables)
                 loop.call_soon_threadsafe(_resolve, self.snapshot_ready, (reader.snapshot_lsn, tables, estimate))
                 if self._after_snapshot is not None:
                     self._after_snapshot(reader.snapshot_lsn)
+                progress = _Progress(started, estimate, reader.snapshot_lsn, self._metrics)
                 for table in tables:
-                    namespace = self.keyspace.namespace(table.schema, table.name)
-                    batch: list[tuple[str, bytes]] = []
-                    for row in reader.rows(table):
-                        batch.append((row.key, row.value))
-                        if len(batch) >= BATCH_ROWS:
-                            put(_Batch(namespace, batch))
-                            batch = []
-                        if self._cancel.is_set():
-                            return
-                    if batch:
-                        put(_Batch(namespace, batch))
-            put(_Done())
+                    self._copy_table(reader, table, scripts, progress)
+            swept = 0
+            for table in tables:
+                if self._cancel.is_set():
+                    raise WarmCancelled("warm cancelled")
+                namespace = self.keyspace.namespace(table.schema, table.name)
+                swept += sweep_blocking(client, self.keyspace, namespace, warm_version(progress.snapshot_lsn))
+            return progress.rows, progress.written, swept
         except BaseException as exc:
             loop.call_soon_threadsafe(_fail, self.snapshot_ready, exc)
-            put(_Failed(exc))
+            raise
+        finally:
+            client.close()
 
-    async def _write(self, queue: asyncio.Queue, started: float) -> tuple[int, int]:
-        rows = written = 0
-        last_log = started
-        while True:
-            item = await queue.get()
-            if isinstance(item, _Done):
-                return written, rows
-            if isinstance(item, _Failed):
-                raise item.error
-            snapshot_lsn, _, estimate = self.snapshot_ready.result()
-            version = warm_version(snapshot_lsn).pack()
-            floor = self._floors.get(item.namespace)
-            floor_text = floor.pack() if floor else ""
-            calls = [
-                ScriptCall(Script.APPLY_WRITE, (value_key, self.keyspace.version_key_of(value_key)), (version, value, floor_text))
-                for value_key, value in ((self.keyspace.value_key(item.namespace, key), value) for key, value in item.rows)
-            ]
-            results = await self._store.scripts.run(calls)
-            rows += len(calls)
-            written += sum(1 for result in results if result == APPLIED)
-            self._metrics.warm_rows.set(rows)
+    def _copy_table(self, reader: SnapshotReader, table: TableInfo, scripts: BlockingScriptRunner, progress: _Progress) -> None:
+        namespace = self.keyspace.namespace(table.schema, table.name)
+        version = warm_version(reader.snapshot_lsn).pack()
+        batch: list[ScriptCall] = []
+        for row in reader.rows(table):
+            value_key = self.keyspace.value_key(namespace, row.key)
+            batch.append(ScriptCall(Script.APPLY_WRITE, (value_key, self.keyspace.version_key_of(value_key)), (version, row.value, self._floor(namespace))))
+            if len(batch) >= BATCH_ROWS:
+                self._write(scripts, batch, progress)
+                batch = []
+        self._write(scripts, batch, progress)
 
-            now = time.monotonic()
-            if now - last_log >= PROGRESS_INTERVAL_S:
-                last_log = now
-                await self._report(rows, estimate, now - started, snapshot_lsn)
-            if self._delay_s:
-                await asyncio.sleep(self._delay_s)
+    def _write(self, scripts: BlockingScriptRunner, batch: list[ScriptCall], progress: _Progress) -> None:
+        if self._cancel.is_set():
+            raise WarmCancelled("warm cancelled")
+        results = scripts.run(batch)
+        progress.add(len(batch), sum(1 for result in results if result == APPLIED))
+        if self._delay_s:
+            time.sleep(self._delay_s)
 
-    async def _report(self, rows: int, estimate: int, elapsed: float, snapshot_lsn: Lsn) -> None:
-        rate = rows / elapsed if elapsed else 0.0
-        left = max(estimate - rows, 0) / rate if rate else 0.0
+    def _floor(self, namespace: str) -> str:
+        # The consumer may raise a floor (TRUNCATE) while the warm runs; dict reads are atomic.
+        floor = self._floors.get(namespace)
+        return floor.pack() if floor is not None else ""
+
+
+class _Progress:
+    """Row counts of one warm, logged every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, started: float, estimate: int, snapshot_lsn: Lsn, metrics: CacheMetrics) -> None:
+        self.rows = self.written = 0
+        self._started = started
+        self._last_log = started
+        self._estimate = estimate
+        self.snapshot_lsn = snapshot_lsn
+        self._metrics = metrics
+
+    def add(self, rows: int, written: int) -> None:
+        self.rows += rows
+        self.written += written
+        self._metrics.warm_rows.set(self.rows)
+        now = time.monotonic()
+        if now - self._last_log < PROGRESS_INTERVAL_S:
+            return
+        self._last_log = now
+        elapsed = now - self._started
+        rate = self.rows / elapsed if elapsed else 0.0
+        left = max(self._estimate - self.rows, 0) / rate if rate else 0.0
         self._metrics.warm_rows_per_second.set(rate)
-        await self._store.write_meta({"warm_rows": rows})
-        log.info("warm progress %s", fields(snapshot_lsn=snapshot_lsn, rows=rows, estimated_rows=estimate, rows_per_s=f"{rate:.0f}", estimated_s_left=f"{left:.0f}"))
-
-    @property
-    def _table_names_resolved(self) -> list[TableInfo]:
-        return self.snapshot_ready.result()[1]
+        log.info(
+            "warm progress %s",
+            fields(snapshot_lsn=self.snapshot_lsn, rows=self.rows, estimated_rows=self._estimate, rows_per_s=f"{rate:.0f}", estimated_s_left=f"{left:.0f}"),
+        )
 
 
 def _resolve(future: asyncio.Future, value) -> None:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 
+import redis
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from ssmd.config import redact_url
 from ssmd.core.errors import ConfigError, DependencyError
 from ssmd.core.keys import KeySpace
-from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
-from ssmd.store.scripts import Script, ScriptCall, ScriptRunner
+from ssmd.store.scripts import BlockingScriptRunner, Script, ScriptCall, ScriptRunner
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,14 @@ def connect_redis(url: str, *, name: str = "ssmd") -> Redis:
             url, protocol=2, driver_info=None, client_name=name,
             health_check_interval=30, socket_keepalive=True,
         )
+    except ValueError as exc:
+        raise ConfigError(f"invalid REDIS_URL {redact_url(url)!r}: {exc}") from None
+
+
+def connect_redis_blocking(url: str, *, name: str = "ssmd") -> redis.Redis:
+    """Return a blocking client with the same settings as `connect_redis` (for worker threads)."""
+    try:
+        return redis.Redis.from_url(url, protocol=2, driver_info=None, client_name=name, socket_keepalive=True)
     except ValueError as exc:
         raise ConfigError(f"invalid REDIS_URL {redact_url(url)!r}: {exc}") from None
 
@@ -69,17 +77,6 @@ class CacheStore:
 
     async def write_meta(self, fields: Mapping[str, str | int | float]) -> None:
         await self._call(self.client.hset(self.meta_key, mapping={key: str(value) for key, value in fields.items()}), "HSET meta")
-
-    async def delete_meta_fields(self, *names: str) -> None:
-        if names:
-            await self._call(self.client.hdel(self.meta_key, *names), "HDEL meta")
-
-    async def raise_meta_lsn(self, field_name: str, lsn_value: int, lsn_text: str) -> None:
-        """Set a meta LSN field unless it already holds a higher LSN (one consumer writes it)."""
-        current = await self._call(self.client.hget(self.meta_key, field_name), "HGET meta")
-        if current is not None and Lsn.parse(current.decode()).value >= lsn_value:
-            return
-        await self.write_meta({field_name: lsn_text})
 
     # --- namespaces ----------------------------------------------------------------------
 
@@ -142,3 +139,46 @@ class CacheStore:
             raise DependencyError(f"Redis {what} failed: {exc}") from exc
         except (RedisError, OSError) as exc:
             raise DependencyError(f"Redis {what} failed: {exc}") from exc
+
+
+def sweep_blocking(client: redis.Redis, keyspace: KeySpace, namespace: str, threshold: Position) -> int:
+    """Remove every entry of `namespace` older than `threshold`, on a blocking client.
+
+    One SCAN pass matches value keys and version keys. A pipelined GET of each key's version
+    leaves out the entries at or above the threshold, because a stored version never goes down,
+    and only the rest go through the sweep script, which decides again atomically.
+    """
+    packed = threshold.pack().encode()
+    value_prefix = f"{keyspace.prefix}:{namespace}:"
+    scripts = BlockingScriptRunner(client)
+    removed = 0
+    try:
+        for keys in _scan_blocking(client, f"*{value_prefix}*"):
+            value_keys = sorted({_value_key_of(key.decode()) for key in keys} - {None})
+            value_keys = [key for key in value_keys if key.startswith(value_prefix)]
+            with client.pipeline(transaction=False) as pipe:
+                for value_key in value_keys:
+                    pipe.get(keyspace.version_key_of(value_key))
+                versions = pipe.execute()
+            candidates = [key for key, version in zip(value_keys, versions) if version is None or version < packed]
+            calls = [ScriptCall(Script.SWEEP_ONE, (key, keyspace.version_key_of(key)), (packed.decode(),)) for key in candidates]
+            removed += sum(scripts.run(calls))
+    except (RedisError, OSError) as exc:
+        raise DependencyError(f"Redis sweep of namespace {namespace} failed: {exc}") from exc
+    return removed
+
+
+def _scan_blocking(client: redis.Redis, pattern: str):
+    cursor = 0
+    while True:
+        cursor, keys = client.scan(cursor, match=pattern, count=SCAN_COUNT)
+        if keys:
+            yield keys
+        if cursor == 0:
+            return
+
+
+def _value_key_of(key: str) -> str | None:
+    if key.startswith("{"):
+        return key[1:-3] if key.endswith("}:v") else None
+    return key

@@ -7,6 +7,7 @@ commit changes inside the warm, between the slot's creation and the reads.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import threading
 
@@ -240,3 +241,26 @@ async def test_cache_under_acl_user_without_keys(cdc):
             assert await verify_now(env) == []
     finally:
         admin.execute_command("ACL", "DELUSER", user)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SSMD_LONG") != "1", reason="set SSMD_LONG=1 to measure the warm rate over 200,000 rows")
+async def test_warm_rate_200k_markets(cdc_process, capsys):
+    dsn = cdc_process.env["DATABASE_URL"]
+    execute(
+        dsn,
+        "INSERT INTO markets (ticker, event_ticker, title, status, yes_bid, yes_ask, last_price, volume, open_time, tags, metadata, notes) "
+        "SELECT 'M' || g, 'E' || (g % 1000), 'market number ' || g, 'open', 0.4500, 0.5500, g * 0.001, g, "
+        "timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second', ARRAY['x', 'y'], jsonb_build_object('g', g), 'note ' || g "
+        "FROM generate_series(1, 200000) g",
+        "ANALYZE markets",
+    )
+    await cdc_process.start()
+    async with InProcessCache(cache_settings(cdc_process.env)) as cache:
+        await cache.wait_warms(1, timeout=300)
+        result = cache.daemon.last_warm
+
+    assert result.rows == 200000
+    assert result.written == 200000
+    with capsys.disabled():
+        print(f"\nwarm of {result.rows} markets rows: {result.seconds:.1f} s, {result.rows / result.seconds:.0f} rows/s (sweep included)")

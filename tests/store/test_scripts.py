@@ -13,7 +13,7 @@ from ssmd.core.keys import KeySpace
 from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position, warm_version
 from ssmd.core.versioning import Decision, decide_packed, should_sweep, truncate_clears
-from ssmd.store.cache_store import CacheStore
+from ssmd.store.cache_store import CacheStore, sweep_blocking
 from ssmd.store.scripts import APPLIED, BELOW_FLOOR, STALE, Script, ScriptCall, ScriptRunner
 
 VALUE_KEY = "secmaster:market:TEST-1"
@@ -137,3 +137,23 @@ def test_sweep_removes_old_entries_of_namespace_only():
         assert remaining == ["secmaster:event:OLD", "secmaster:market:NEW", "{secmaster:event:OLD}:v", "{secmaster:market:NEW}:v"]
 
     run(scenario())
+
+
+def test_blocking_sweep_matches_async_sweep():
+    client = fakeredis.FakeRedis()
+    old, new = Position(Lsn(10), 0).pack(), Position(Lsn(30), 0).pack()
+    client.set("secmaster:market:OLD", b"{}")
+    client.set("{secmaster:market:OLD}:v", old)
+    client.set("{secmaster:market:GONE}:v", old)
+    client.set("secmaster:market:NEW", b"{}")
+    client.set("{secmaster:market:NEW}:v", new)
+    client.set("secmaster:market:BARE", b"{}")
+    client.set("secmaster:marketing:OLD", b"{}")  # another namespace sharing the prefix text
+    client.set("{secmaster:event:OLD}:v", old)
+
+    removed = sweep_blocking(client, KeySpace(), "market", Position(Lsn(20), 0))
+
+    assert removed == 3
+    assert sorted(key.decode() for key in client.scan_iter("*")) == [
+        "secmaster:market:NEW", "secmaster:marketing:OLD", "{secmaster:event:OLD}:v", "{secmaster:market:NEW}:v",
+    ]
