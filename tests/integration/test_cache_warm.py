@@ -10,12 +10,15 @@ import asyncio
 import os
 import secrets
 import threading
+import urllib.error
+import urllib.request
 
 import nats
 import pytest
 import redis
 
 from ssmd.core.jsontext import loads
+from ssmd.dev.servers import free_port
 from tests.integration.cache_stack import (
     InProcessCache, apply_schema, cache_settings, cached, execute, meta, start_ssmd, stop, verify_now,
     wait_for_stream, wait_until_async,
@@ -74,6 +77,14 @@ def seed_markets(dsn: str, *tickers: str, filler: int = 0) -> None:
     execute(dsn, *statements)
 
 
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def market(redis_url: str, ticker: str) -> dict | None:
     value = cached(redis_url, f"secmaster:market:{ticker}")
     return loads(value) if value is not None else None
@@ -106,12 +117,16 @@ async def test_warm_race_boundary(cdc_process, moment):
 
     from ssmd.cache.daemon import CacheHooks
 
-    settings = cache_settings(cdc, warm_delay_ms=300)
+    port = free_port()
+    settings = cache_settings(cdc, warm_delay_ms=300, metrics_port=port)
     async with InProcessCache(settings, CacheHooks(after_snapshot=after_snapshot)) as cache:
         await wait_until_async(changes_done.is_set, 30, "changes committed during the warm")
         assert meta(cdc["REDIS_URL"]).get("state") == "warming", "warm finished before the changes; slow it down more"
+        assert http_status(port, "/readyz") == 503
         execute(dsn, "UPDATE markets SET title = 'newest' WHERE ticker = 'TEST-4'")
         await cache.wait_warms(1)
+        assert http_status(port, "/readyz") == 200
+        assert http_status(port, "/healthz") == 200
 
         assert await verify_now(cdc) == []
         assert market(cdc["REDIS_URL"], "TEST-1")["status"] == "closed"

@@ -37,7 +37,7 @@ async def fresh_runner() -> tuple[fakeredis.FakeAsyncRedis, ScriptRunner]:
     return client, runner
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(operations, min_size=1, max_size=12), st.none() | positions)
 def test_apply_scripts_match_decide(sequence, floor):
     async def scenario():
@@ -64,9 +64,14 @@ def test_apply_scripts_match_decide(sequence, floor):
     run(scenario())
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.none() | positions, st.booleans(), positions)
-def test_sweep_one_matches_sweep_rule(stored, has_value, threshold):
+@settings(max_examples=60, deadline=None)
+@given(st.none() | positions, st.booleans(), positions, st.booleans())
+def test_sweep_one_matches_sweep_rules(stored, has_value, point, after_warm):
+    # After a warm the threshold is the warm version of S; after a TRUNCATE it is its position.
+    if after_warm and point.commit_lsn.value == 0:
+        point = Position(Lsn(1), point.index)
+    threshold = warm_version(point.commit_lsn) if after_warm else point
+
     async def scenario():
         client, runner = await fresh_runner()
         if stored is not None:
@@ -77,9 +82,10 @@ def test_sweep_one_matches_sweep_rule(stored, has_value, threshold):
 
         if stored is None:
             expected_gone = has_value
+        elif after_warm:
+            expected_gone = should_sweep(stored, point.commit_lsn)
         else:
-            expected_gone = truncate_clears(stored, threshold)
-            assert should_sweep(stored, threshold.commit_lsn) == (stored < warm_version(threshold.commit_lsn))
+            expected_gone = truncate_clears(stored, point)
         assert removed == int(expected_gone)
         if stored is None or expected_gone:
             assert await client.exists(VALUE_KEY, VERSION_KEY) == 0
