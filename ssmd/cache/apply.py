@@ -5,8 +5,8 @@ Rules:
   and is skipped (the snapshot contains exactly the transactions that committed before S);
 - every key write or delete goes through a versioned script, so redeliveries, duplicates and
   overlap with the warm writer change nothing;
-- writes run pipelined in stream order; a TRUNCATE or a row with TOAST-unchanged columns first
-  flushes what came before it, because it reads Redis state;
+- writes run pipelined in stream order. A TRUNCATE or a row with TOAST-unchanged columns reads
+  Redis state, so it first flushes the writes queued before it;
 - a message is acknowledged only after Redis accepted all its writes; a poison message
   (undecodable, unknown table, wrong shape, oversized) is terminated, counted and logged, and a
   message whose handling keeps failing is terminated after `max_deliver` deliveries.
@@ -93,7 +93,7 @@ class Applier:
     retry_delay_s: float = 0.5
     _calls: list[ScriptCall] = field(default_factory=list)
     _owners: list[_Pending] = field(default_factory=list)
-    check_meta: bool = True  # False while a warm runs: the meta hash says `warming` then
+    check_meta: bool = True  # False while a warm runs, because the meta state is `warming` then
     last_commit_time: str | None = None
     newest_seen_lsn: Lsn | None = None
 
@@ -124,7 +124,7 @@ class Applier:
             if rewarm is not None:
                 break
         await self._flush()
-        await self._settle([item for item in pending if item.msg.metadata is not None], rewarm is not None)
+        await self._settle(pending, rewarm is not None)
         await self._record_progress()
         if rewarm is not None:
             raise RewarmNeeded(rewarm)
@@ -214,7 +214,7 @@ class Applier:
 
     async def _merge(self, action: KeyWrite) -> None:
         # Read the cached row and its version, fill the unchanged columns, and write only if
-        # that version is still stored; another writer in between (the warm) makes it retry.
+        # that version is still stored. Another writer in between (the warm) makes it retry.
         version_key = self.keyspace.version_key_of(action.value_key)
         for _ in range(MERGE_ATTEMPTS):
             cached_value, base = await self.store.client.mget([action.value_key, version_key])

@@ -1,6 +1,6 @@
 """The cache daemon: warm when continuity is in doubt, otherwise apply the stream.
 
-One session holds a Redis client and a NATS connection. It first decides whether the cache can
+One session has a Redis client and a NATS connection. It first decides whether the cache can
 resume (meta hash present and ready, same stream, no discarded messages, consumer present);
 otherwise it warms. A warm re-creates the durable consumer at L0 + 1 (L0 = the stream's last
 sequence read before the snapshot) and consumes while the warm writes, because changes after
@@ -191,7 +191,7 @@ class CacheDaemon:
         warm_task = asyncio.create_task(warmer.run())
         consume_task: asyncio.Task | None = None
         try:
-            await _first_of(_wait_ready(warmer), warm_task)
+            await _first_of(asyncio.wait([warmer.snapshot_ready]), warm_task)
             snapshot_lsn, _, _ = warmer.snapshot_ready.result()
             await store.write_meta({"stream_seq": stream.last_seq, "stream_created": format_created(stream.created)})
             tracker = SequenceTracker(contiguous=stream.last_seq, last_first_delivery=stream.last_seq)
@@ -255,12 +255,6 @@ class CacheDaemon:
 
 def read_floors(meta: dict[str, str]) -> dict[str, Position]:
     return {name[len("floor:") :]: Position.unpack(value) for name, value in meta.items() if name.startswith("floor:")}
-
-
-async def _wait_ready(warmer: Warmer) -> None:
-    while warmer.snapshot_ready is None:
-        await asyncio.sleep(0.01)
-    await asyncio.wait([warmer.snapshot_ready])
 
 
 async def _first_of(*awaitables) -> None:

@@ -73,7 +73,8 @@ class Warmer:
         self._delay_s = delay_ms / 1000
         self._after_snapshot = after_snapshot
         self._cancel = threading.Event()
-        self.snapshot_ready: asyncio.Future[tuple[Lsn, list[TableInfo], int]] | None = None  # (S, tables, row estimate)
+        # Resolves with (S, the tables as the snapshot shows them, estimated rows) once the slot exists.
+        self.snapshot_ready: asyncio.Future[tuple[Lsn, list[TableInfo], int]] = asyncio.get_running_loop().create_future()
 
     @property
     def keyspace(self) -> KeySpace:
@@ -82,7 +83,6 @@ class Warmer:
     async def run(self) -> WarmResult:
         """Warm every followed table; `snapshot_ready` resolves with S as soon as it is known."""
         loop = asyncio.get_running_loop()
-        self.snapshot_ready = loop.create_future()
         started = time.monotonic()
         try:
             rows, written, swept = await asyncio.to_thread(self._copy, loop, started)

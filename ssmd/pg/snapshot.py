@@ -2,8 +2,8 @@
 
 `CREATE_REPLICATION_SLOT <name> TEMPORARY LOGICAL wal2json (SNAPSHOT 'export')` on a replication
 connection returns the slot's consistent point S and the name of a snapshot exported at S.
-PostgreSQL builds that snapshot so that it sees exactly the transactions whose commit record
-lies before S; every later transaction is decoded by the slot instead. A second, normal
+PostgreSQL builds that snapshot to show exactly the transactions whose commit record lies
+before S. The slot decodes every later transaction instead. A second, normal
 connection imports it (`SET TRANSACTION SNAPSHOT`) inside a REPEATABLE READ READ ONLY
 transaction and reads every table there, so all tables show the same moment and a stream change
 is "already in the warm data" exactly when its commit LSN is below S. An LSN read beside the

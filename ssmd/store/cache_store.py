@@ -1,7 +1,7 @@
 """Redis connections and the cache's key-level operations: meta hash, SCAN, sweep.
 
 Nothing here uses KEYS, FLUSHALL or FLUSHDB, so the cache runs under an ACL user without
-them; namespaces are walked with SCAN MATCH until the cursor returns to 0.
+them. Namespaces are walked with SCAN MATCH until the cursor returns to 0.
 """
 
 from __future__ import annotations
