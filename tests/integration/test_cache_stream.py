@@ -15,7 +15,7 @@ import pytest
 from ssmd.bus.stream import StreamLimits, ensure_stream
 from ssmd.cache.daemon import CacheDaemon, CacheHooks, CacheSettings
 from ssmd.core.changes import Change, Op
-from ssmd.core.envelope import encode_change
+from ssmd.core.envelope import encode_change, encode_slot_created
 from ssmd.core.jsontext import JsonNumber, loads
 from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
@@ -130,6 +130,20 @@ async def test_failing_and_poison_messages_terminated(stream_stack):
         info = await js.stream_info(config.stream)
         await wait_until_async(lambda: int(meta(config.redis_url)["stream_seq"]) == info.state.last_seq, 10, "stream_seq to reach the last message")
         assert stream_seq <= info.state.last_seq
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_slot_created_after_snapshot_rewarms(stream_stack):
+    js, config = stream_stack
+    daemon, stop, task = await run_daemon(config, CacheHooks())
+    try:
+        assert daemon.warms_done == 1
+        message = encode_slot_created("ssmd_cdc", Lsn(BASE_LSN))
+        await js.publish(message.subject, message.body, headers={"Nats-Msg-Id": message.msg_id})
+        await wait_until_async(lambda: daemon.warms_done == 2, 30, "a second warm")
+        assert sample(daemon, "ssmd_cache_warms_total") == 2
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from ssmd.core.jsontext import loads
-from ssmd.dev.servers import free_port
+from ssmd.dev.servers import RedisServer, free_port
 from tests.integration.cache_stack import (
     InProcessCache, apply_schema, cache_settings, cached, execute, meta, start_ssmd, stop, verify_now,
     wait_for_stream, wait_until_async,
@@ -279,3 +279,20 @@ async def test_warm_rate_200k_markets(cdc_process, capsys):
     assert result.written == 200000
     with capsys.disabled():
         print(f"\nwarm of {result.rows} markets rows: {result.seconds:.1f} s, {result.rows / result.seconds:.0f} rows/s (sweep included)")
+
+
+async def test_redis_restart_without_data_rewarms(cdc, tmp_path):
+    # A private Redis: the shared one must not restart under other tests.
+    own_redis = RedisServer.start(tmp_path / "own", die_with_parent=True)
+    try:
+        env = {**cdc, "REDIS_URL": own_redis.url_for(0)}
+        seed_markets(cdc["DATABASE_URL"], "LOST-1")
+        async with InProcessCache(cache_settings(env)) as cache:
+            await cache.wait_warms(1)
+            await asyncio.to_thread(own_redis.restart, keep_data=False)
+            execute(cdc["DATABASE_URL"], "UPDATE markets SET status = 'closed' WHERE ticker = 'LOST-1'")
+            await cache.wait_warms(2)
+            assert await verify_now(env) == []
+            assert market(env["REDIS_URL"], "LOST-1")["status"] == "closed"
+    finally:
+        own_redis.stop()
