@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: about a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, up to ~15 minutes (default full)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: under a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, 15 to 30 minutes on two shared cores (default full)")
     parser.add_argument("--markets", type=int, help="override the size's number of markets rows (warm table)")
     parser.add_argument("--transactions", type=int, help="override the size's number of single-row transactions and rows of the big transaction")
     parser.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write; an existing `## Analysis` section in it is kept (default BENCHMARKS.md)")
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     report.duration_s = time.perf_counter() - started
+    report.machine.append(("load average at end (1/5/15 min)", " / ".join(f"{load:.2f}" for load in os.getloadavg())))
     print(format_console_table(report))
     output = Path(args.output)
     output.write_text(render_markdown(report, METHOD, kept_analysis(output)))

@@ -80,7 +80,7 @@ class Size:
 
 SIZES = {
     "small": Size(markets_rows=20_000, stream_transactions=5_000, big_transaction_rows=5_000, latency_seconds=2.0, phase_timeout_s=120.0, drain_timeout_s=30.0),
-    "full": Size(markets_rows=1_000_000, stream_transactions=200_000, big_transaction_rows=200_000, latency_seconds=20.0, phase_timeout_s=900.0, drain_timeout_s=120.0),
+    "full": Size(markets_rows=1_000_000, stream_transactions=200_000, big_transaction_rows=200_000, latency_seconds=10.0, phase_timeout_s=900.0, drain_timeout_s=120.0),
 }
 LATENCY_RATES = (1000, 5000)
 
