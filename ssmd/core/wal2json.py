@@ -17,18 +17,29 @@ PostgreSQL 15 that this module relies on:
 - an UPDATE leaves out a TOASTed column it did not change, and numeric/float NaN and Infinity
   arrive as `null`, like SQL NULL. The publisher completes such columns before it publishes:
   `columns_to_fill` names them and `fill_columns` applies the old tuple or a re-read.
+
+Rows are parsed with orjson, which is several times faster than `json.loads` with number hooks
+but turns numbers into int and float. wal2json prints the values of integer, float and numeric
+columns as bare JSON numbers, so `_parse_json` first quotes each such number after its
+`"type":"<number type>","value":` prefix, and the exact text arrives as a string. A bare number
+left anywhere else is an int or float after parsing. An int is exact. A float, or a row orjson
+rejects, makes the decoder parse that row again with `jsontext.loads`, which keeps every number
+as its text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
+
 from ssmd.core.changes import Begin, Change, Commit, LogicalMessage, Op, Record, Row
-from ssmd.core.encoding import is_float_like, value_from_change, value_from_text
+from ssmd.core.encoding import base_type, change_converter, is_float_like, value_from_text
 from ssmd.core.errors import DecodeError
-from ssmd.core.jsontext import JsonNumber, dumps, loads
+from ssmd.core.jsontext import JsonNumber, loads
 from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
 from ssmd.core.tables import TableInfo
@@ -45,6 +56,22 @@ WAL2JSON_OPTIONS: dict[str, str] = {
 }
 
 _ACTIONS = {"I": Op.INSERT, "U": Op.UPDATE, "D": Op.DELETE, "T": Op.TRUNCATE}
+
+# The value of a column whose type wal2json 2.5 prints as a JSON number. It picks that form by
+# type oid (int2, int4, int8, oid, float4, float8, numeric), and include-typmod may add "(10,2)".
+# The pattern cannot match inside a string value, because a `"` inside a JSON string is always
+# escaped. So `value":` with a bare quote can only be the wal2json key.
+_NUMBER_VALUE = re.compile(
+    rb'("type":"(?:smallint|integer|bigint|oid|real|double precision|numeric(?:\([0-9,]*\))?)","value":)'
+    rb"(-?[0-9][0-9.eE+-]*)"
+)
+_NUMBER_TYPES = frozenset({"smallint", "integer", "bigint", "oid", "real", "double precision", "numeric"})
+_SPECIAL_NUMBERS = frozenset({"NaN", "Infinity", "-Infinity"})
+_LSN_TEXT = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
+
+
+class _InexactNumber(Exception):
+    """A number reached the decoder as a float, so its exact text must be parsed again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +101,7 @@ class Wal2JsonDecoder:
         self._only_known = only_known_tables
         self._begin: Begin | None = None
         self._next_index = 0
+        self._row: bytes | str = b""  # the row being decoded, for an exact re-parse
 
     @property
     def in_transaction(self) -> bool:
@@ -89,6 +117,7 @@ class Wal2JsonDecoder:
 
     def decode_row(self, data: bytes | str) -> Begin | Commit | LogicalMessage | DecodedChange | None:
         """Decode one row, keeping the old tuple and column types of a change."""
+        self._row = data
         message = _parse_json(data)
         action = message.get("action")
         if action == "B":
@@ -161,8 +190,12 @@ class Wal2JsonDecoder:
         info = self._tables.get((schema, table))
         if info is None and self._only_known:
             return None
+        position = Position(begin.commit_lsn, index)
         try:
-            return _decode_change(message, op, Position(begin.commit_lsn, index), begin, info)
+            try:
+                return _decode_change(message, op, position, begin, info)
+            except _InexactNumber:
+                return _decode_change(_parse_exact(self._row), op, position, begin, info)
         except DecodeError as exc:
             if exc.lsn is None:
                 raise DecodeError(str(exc), lsn=lsn_text, table=table_name) from None
@@ -193,7 +226,7 @@ def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: B
     old_key = None
     if old_row is not None and op is Op.UPDATE:
         previous = _pick(old_row, key_columns, "identity")
-        if _row_bytes(previous) != _row_bytes(key):
+        if _key_changed(previous, key):
             old_key = previous
     unchanged: tuple[str, ...] = ()
     if info is not None and op is Op.UPDATE:
@@ -210,25 +243,67 @@ def _change_lsn(message: dict[str, Any]) -> Lsn | None:
         return None
     if not isinstance(text, str) or isinstance(text, JsonNumber):
         raise DecodeError(f"invalid 'lsn' {text!r}: expected text like '16/B374D848'")
+    # Every change row carries an lsn, so the common well-formed case skips Lsn.parse's checks.
+    if _LSN_TEXT.fullmatch(text):
+        high, _, low = text.partition("/")
+        return Lsn((int(high, 16) << 32) | int(low, 16))
     return Lsn.parse(text)
 
 
 def _canonical_columns(columns: Any, field: str, types: dict[str, str]) -> Row:
-    if not isinstance(columns, list):
+    if type(columns) is not list:
         raise DecodeError(f"missing or invalid {field!r}: expected a list of columns")
     row: Row = {}
     for column in columns:
-        if not isinstance(column, dict) or not isinstance(column.get("name"), str) or not isinstance(column.get("type"), str):
-            raise DecodeError(f"invalid entry in {field!r}: expected name, type and value, got {str(column)[:200]}")
-        if "value" not in column:
-            raise DecodeError(f"column {column['name']!r} in {field!r} has no value")
-        name = column["name"]
-        types[name] = column["type"]
         try:
-            row[name] = value_from_change(column["type"], column["value"])
+            name = column["name"]
+            type_name = column["type"]
+            value = column["value"]
+        except (KeyError, TypeError):
+            _raise_invalid_column(column, field)
+        if type(name) is not str or type(type_name) is not str:
+            _raise_invalid_column(column, field)
+        types[name] = type_name
+        if value is None:
+            row[name] = None
+            continue
+        convert = _COLUMN_CONVERTERS.get(type_name) or _column_converter(type_name)
+        try:
+            row[name] = convert(value)
         except DecodeError as exc:
-            raise DecodeError(f"column {name!r} ({column['type']}): {exc}") from None
+            raise DecodeError(f"column {name!r} ({type_name}): {exc}") from None
     return row
+
+
+def _raise_invalid_column(column: Any, field: str) -> None:
+    if not isinstance(column, dict) or not isinstance(column.get("name"), str) or not isinstance(column.get("type"), str):
+        raise DecodeError(f"invalid entry in {field!r}: expected name, type and value, got {str(column)[:200]}")
+    raise DecodeError(f"column {column['name']!r} in {field!r} has no value")
+
+
+def _number_value(value: Any) -> Any:
+    """Map a wal2json number (quoted exact text, int, or an exact-parse `JsonNumber`) to its canonical value."""
+    kind = type(value)
+    if kind is str:
+        return value if value in _SPECIAL_NUMBERS else JsonNumber(value)
+    if kind is JsonNumber:
+        return value
+    if kind is int:
+        return JsonNumber(str(value))
+    if kind is float:
+        raise _InexactNumber
+    raise DecodeError(f"invalid wal2json number {value!r}")
+
+
+_COLUMN_CONVERTERS: dict[str, Callable[[Any], Any]] = {}
+
+
+def _column_converter(type_name: str) -> Callable[[Any], Any]:
+    """Return (and remember) the converter of a non-null wal2json value of `type_name`."""
+    convert = _number_value if base_type(type_name) in _NUMBER_TYPES else change_converter(type_name)
+    if len(_COLUMN_CONVERTERS) < 4096:
+        _COLUMN_CONVERTERS[type_name] = convert
+    return convert
 
 
 def _key_columns(message: dict[str, Any], info: TableInfo | None, old_row: Row | None) -> tuple[str, ...]:
@@ -253,8 +328,12 @@ def _pick(row: Row, columns: tuple[str, ...], field: str) -> Row:
     return {name: row[name] for name in columns}
 
 
-def _row_bytes(row: Row) -> bytes:
-    return dumps(row)
+def _key_changed(previous: Row, key: Row) -> bool:
+    # Canonical values of one column have one Python type, so equal dicts mean equal encodings.
+    # The type check keeps a number apart from a string with the same text.
+    if previous != key:
+        return True
+    return any(type(previous[name]) is not type(key[name]) for name in key)
 
 
 # --- completing rows: TOAST-omitted columns and NaN rendered as null --------------------------
@@ -310,6 +389,19 @@ def fill_columns(decoded: DecodedChange, reread: Mapping[str, str | None] | None
 
 
 def _parse_json(data: bytes | str) -> dict[str, Any]:
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        message = orjson.loads(_NUMBER_VALUE.sub(rb'\1"\2"', raw))
+    except orjson.JSONDecodeError:
+        # orjson is stricter than the JSON standard in a few spots (e.g. a lone surrogate
+        # escape), so a row it rejects gets the standard parser before it counts as invalid.
+        return _parse_exact(data)
+    if not isinstance(message, dict):
+        raise DecodeError(f"invalid wal2json row: expected a JSON object, got {type(message).__name__}")
+    return message
+
+
+def _parse_exact(data: bytes | str) -> dict[str, Any]:
     try:
         message = loads(data)
     except ValueError as exc:
@@ -344,6 +436,8 @@ def _optional_text(message: dict[str, Any], field: str) -> str | None:
 
 def _required_int(message: dict[str, Any], field: str) -> int:
     value = message.get(field)
+    if type(value) is int and value >= 0:
+        return value
     if not isinstance(value, JsonNumber) or not value.isdigit():
         raise DecodeError(f"missing or invalid {field!r} in {message.get('action')} row: {value!r}", lsn=_text(message.get("lsn")))
     return int(value)

@@ -110,6 +110,54 @@ def test_exact_numerics_case():
     assert updated.old_key is None
 
 
+@pytest.mark.parametrize(
+    ("type_name", "value"),
+    [
+        ("numeric(30,10)", "0.0700"),
+        ("double precision", "1e+300"),
+        ("real", "-1.5e-07"),
+        ("numeric", "123456789012345678901234567890"),
+        ("bigint", "-9223372036854775808"),
+        ("integer", "-0"),
+    ],
+)
+def test_number_text_kept_exactly(type_name, value):
+    decoder = Wal2JsonDecoder()
+    decoder.decode(begin(10, "0/100", "0/130"))
+    inserted = decoder.decode(change("I", 10, "0/90", columns=[column("ticker", "text", '"T"'), column("n", type_name, value)]))
+    assert inserted.data["n"] == JsonNumber(value)
+    assert type(inserted.data["n"]) is JsonNumber
+
+
+def test_unquoted_float_parsed_again_exactly():
+    # A layout the fast path does not quote (a typeoid between type and value) leaves a float
+    # after orjson, and the decoder must fall back to the exact parser for that row.
+    decoder = Wal2JsonDecoder([MARKETS])
+    decoder.decode(begin(10, "0/100", "0/130"))
+    columns = market_columns()[:2] + ['{"name":"price","type":"numeric","typeoid":1700,"value":0.0700}', column("volume", "bigint", "7")]
+    inserted = decoder.decode(change("I", 10, "0/90", columns=columns))
+    after = decoder.decode(change("I", 10, "0/91", columns=market_columns(ticker="TEST-2")))
+    assert encode_row(inserted.data) == b'{"price":0.0700,"status":"open","ticker":"TEST-1","volume":7}'
+    assert inserted.position == Position(Lsn.parse("0/100"), 0)
+    assert after.position == Position(Lsn.parse("0/100"), 1)
+
+
+def test_number_in_text_value_not_quoted():
+    decoder = Wal2JsonDecoder()
+    decoder.decode(begin(10, "0/100", "0/130"))
+    tricky = json.dumps('"type":"numeric","value":1.50')
+    inserted = decoder.decode(change("I", 10, "0/90", columns=[column("ticker", "text", tricky), column("n", "numeric", "1.50")]))
+    assert inserted.data["ticker"] == '"type":"numeric","value":1.50'
+    assert encode_row(inserted.data) == b'{"n":1.50,"ticker":"\\"type\\":\\"numeric\\",\\"value\\":1.50"}'
+
+
+def test_number_for_text_type_rejected():
+    decoder = Wal2JsonDecoder()
+    decoder.decode(begin(10, "0/100", "0/130"))
+    with pytest.raises(DecodeError, match="column 'ticker'"):
+        decoder.decode(change("I", 10, "0/90", columns=[column("ticker", "text", "5")]))
+
+
 def test_nan_numeric_needs_reread():
     decoder = Wal2JsonDecoder([SERIES_FEES])
     decoder.decode(begin(11, "0/200", "0/230"))
