@@ -1,12 +1,13 @@
-"""Warm: copy every followed table from an exported snapshot into Redis at version (S, 0).
+"""Warm: copy every followed table from an exported snapshot into Redis at the warm version.
 
-A worker thread reads the snapshot (`ssmd.pg.snapshot`), encodes rows and writes them in
-pipelined batches through the versioned write script on a blocking Redis client. The scripts
-make the order of warm and consumer writes irrelevant: a change the consumer already applied
-has a version above (S, 0), so the older snapshot row does not replace it, and a tombstone
-left by a delete stops the snapshot row from coming back. The consumer runs at the same time
-on the event loop. After the last row, a sweep removes every entry of the followed namespaces
-older than (S, 0): rows deleted while the cache was down, and tombstones no longer needed.
+The warm version of a snapshot at S is `warm_version(S)`, just below (S, 0). A worker thread
+reads the snapshot (`ssmd.pg.snapshot`), encodes rows and writes them in pipelined batches
+through the versioned write script on a blocking Redis client. The consumer runs at the same
+time on the event loop, and the scripts make the order of their writes irrelevant. A change the
+consumer already applied has a version at or above (S, 0), so the older snapshot row does not
+replace it. A tombstone left by a delete stops the snapshot row from coming back. After the last
+row, a sweep removes every entry of the followed namespaces older than the warm version: rows
+deleted while the cache was down, and tombstones no longer needed.
 """
 
 from __future__ import annotations

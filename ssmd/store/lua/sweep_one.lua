@@ -1,4 +1,5 @@
--- Remove one cached entry older than a threshold: after a warm at S the threshold is (S, 0),
+-- Remove one cached entry older than a threshold: after a warm at S the threshold is the warm
+-- version (just below (S, 0)),
 -- after a TRUNCATE it is the truncate's position.
 -- KEYS[1] value key, KEYS[2] version key. ARGV[1] packed threshold.
 -- A value key without a version key was never written by ssmd's scripts, so it goes too.
