@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         bench.end_to_end()
         bench.latency()
         bench.peak_rss()
+        bench.compare_ceilings()
     finally:
         bench.stop_daemons()
         stack.stop()

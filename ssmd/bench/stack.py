@@ -98,7 +98,10 @@ class Daemon:
     def check_running(self) -> None:
         """Raise with the log tail when the daemon has exited."""
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.process.returncode}; log tail:\n{self.log_tail()}")
+            tail = self.log_tail()
+            log.error("%s exited with code %s; log tail:\n%s", self.name, self.process.returncode, tail)
+            last_line = tail.splitlines()[-1] if tail.strip() else "(empty log)"
+            raise RuntimeError(f"{self.name} exited with code {self.process.returncode}: {last_line}")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """Send SIGTERM, wait for a clean exit (SIGKILL after `timeout`), return the exit code."""
