@@ -1,6 +1,7 @@
 """Smoke run of `ssmd bench --size small`: every table row is produced with a number.
 
-This checks the harness, not the speed: no figure is compared with a target here.
+This checks the harness, not the speed: no figure is compared with a target here. Two fast
+tests at the end check the percentile and target rules the table uses.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from ssmd.bench.latency import percentile
+from ssmd.bench.report import Measurement
 
 EXPECTED_ROWS = (
     "ssmd cache warm (markets + events + fees)",
@@ -62,11 +64,15 @@ def small_run(tmp_path_factory):
     return result, output
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_small_run_exits_zero(small_run):
     result, _ = small_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_small_run_has_every_row(small_run):
     _, output = small_run
     rows = results_table(output.read_text())
@@ -75,6 +81,8 @@ def test_small_run_has_every_row(small_run):
         assert as_number(rows[name][1]) > 0, f"row {name!r} has no positive value: {rows[name][1]!r}"
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_small_run_ratios_use_same_run_ceiling(small_run):
     _, output = small_run
     rows = results_table(output.read_text())
@@ -85,9 +93,31 @@ def test_small_run_ratios_use_same_run_ceiling(small_run):
         assert ratio == pytest.approx(as_number(rows[name][1]) / as_number(ceiling_text), rel=0.02, abs=0.006)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_small_run_describes_machine(small_run):
     _, output = small_run
     text = output.read_text()
     for item in ("CPUs (nproc)", "CPU model", "memory", "PostgreSQL", "wal2json", "nats-server", "redis-server", "Python package redis"):
         assert f"| {item} |" in text, f"machine item {item!r} missing"
     assert "## Method" in text
+
+
+def test_percentile_nearest_rank():
+    values = [float(number) for number in range(1, 101)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+
+
+def test_target_met_by_kind():
+    ratio = Measurement("end to end", "changes/s", value=30.0, ceiling_value=100.0, target=0.3, target_kind="ratio_min")
+    assert ratio.target_met() is True
+    ratio.value = 29.0
+    assert ratio.target_met() is False
+    latency = Measurement("p99", "ms", value=25.0, target=25.0, target_kind="max")
+    assert latency.target_met() is True
+    memory = Measurement("rss", "MiB", value=300.0, target=300.0, target_kind="below")
+    assert memory.target_met() is False
+    assert Measurement("failed", "ms", error="timed out", target=1.0, target_kind="max").target_met() is None

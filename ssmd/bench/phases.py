@@ -165,6 +165,9 @@ class BenchRun:
                 rows = self.counts.events + self.counts.markets + self.counts.series_fees
             warm.value = rows / elapsed
             warm.detail = f"{rows:,} rows in {elapsed:.1f} s from process start to state=ready (includes start-up and sweep)"
+            finished = _last_log_line(self.cache.log_path, "warm finished")
+            if finished:
+                warm.detail += f"; cache log: `{finished}`"
         except Exception as exc:
             warm.error = _short(exc)
             log.exception("warm phase failed")
@@ -436,6 +439,15 @@ async def _change_messages(js, stream: str) -> int:
         return 0
     subjects = info.state.subjects or {}
     return sum(count for subject, count in subjects.items() if not subject.startswith("cdc._ssmd."))
+
+
+def _last_log_line(path: Path, text: str) -> str | None:
+    """Return the message part of the last log line containing `text`, without timestamp and level."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if text in line]
+    except FileNotFoundError:
+        return None
+    return lines[-1].split(text, 1)[1].strip() if lines else None
 
 
 def _short(exc: BaseException) -> str:
