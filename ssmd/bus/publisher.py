@@ -9,6 +9,12 @@ caller confirm the slot past a message the stream may not hold.
 The window bounds both the number and the body bytes of unacknowledged messages. `publish`
 waits while the window is full, which stops the caller from reading the replication stream, so
 PostgreSQL holds the rest (TCP back-pressure on the walsender) instead of this process.
+
+Messages go out as plain NATS publishes with a reply subject under one inbox of this publisher,
+and JetStream answers each with a PubAck on that subject. This is what nats-py's
+`publish_async` does too, minus its per-message future, semaphore, timer and random token, which
+together cost more than the publish itself at tens of thousands of messages per second. One
+sweep task finds the attempts whose PubAck is overdue instead of a timer per message.
 """
 
 from __future__ import annotations
@@ -22,13 +28,20 @@ from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
-from nats.js import JetStreamContext
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from ssmd.core.envelope import MSG_ID_HEADER, Message
 from ssmd.core.errors import ConfigError, DependencyError, SsmdError
 from ssmd.observe import CdcMetrics
 
 log = logging.getLogger(__name__)
+
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"  # JetStream rejects the message if another stream would store it
+_STATUS_HEADER = "Status"
+_NO_RESPONDERS = "503"  # the server's reply status when no stream listens on the subject
+_REPORT_EVERY = 256  # PubAcks counted locally before the Prometheus counters are updated
 
 # Errors after which the same publish may succeed: the server or the connection was busy or away.
 _RETRYABLE = (
@@ -74,13 +87,11 @@ class Publisher:
     `on_ack(token)` runs in the event loop once per message, with the token given to `publish`.
     A failure that no retry can fix (e.g. a message over the server's max_payload, or a stream
     that rejects the subject) is stored in `failure` and raised by the next `publish`/`drain`.
-    A PubAck is handled in a done-callback of nats-py's future, not in a task per message,
-    because that costs less per message. Only retries get a task.
     """
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: NatsClient,
         stream: str,
         on_ack: Callable[[object], None],
         metrics: CdcMetrics,
@@ -89,7 +100,7 @@ class Publisher:
         rng: random.Random | None = None,
         drop_first_acks: int = 0,
     ) -> None:
-        self._js = js
+        self._nc = nc
         self._stream = stream
         self._on_ack = on_ack
         self._metrics = metrics
@@ -104,6 +115,14 @@ class Publisher:
         self._retries: set[asyncio.Task] = set()
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        # Attempts waiting for their PubAck by reply token, in the order they were sent.
+        self._waiting: dict[str, _Attempt] = {}
+        self._last_token = 0
+        self._reply_prefix = ""
+        self._subscription = None
+        self._sweeper: asyncio.Task | None = None
+        # PubAcks not yet added to the Prometheus counters: (messages, bytes, duplicates).
+        self._unreported = [0, 0, 0]
         # Read at scrape time: setting a gauge twice per message costs more than the scrape.
         metrics.in_flight_messages.set_function(lambda: self._count)
         metrics.in_flight_bytes.set_function(lambda: self._bytes)
@@ -123,6 +142,8 @@ class Publisher:
             self._room.clear()
             await self._room.wait()
             self._raise_failure()
+        if self._subscription is None:
+            await self._subscribe()
         self._count += 1
         self._bytes += size
         self._idle.clear()
@@ -134,15 +155,26 @@ class Publisher:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             return False
+        finally:
+            self._report()
         self._raise_failure()
         return True
 
     async def cancel(self) -> None:
         """Stop retrying; messages without a PubAck stay unconfirmed and are sent again after restart."""
         self._closed = True
-        for task in list(self._retries):
+        self._report()
+        tasks = list(self._retries)
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._retries, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._subscription is not None:
+            try:
+                await self._subscription.unsubscribe()
+            except nats.errors.Error as exc:
+                log.debug("unsubscribing the PubAck inbox failed: %s", exc)
 
     def _has_room(self, size: int) -> bool:
         if self._count >= self._settings.max_in_flight:
@@ -150,49 +182,72 @@ class Publisher:
         # One message larger than the byte budget is still let through when nothing is in flight.
         return self._count == 0 or self._bytes + size <= self._settings.max_in_flight_bytes
 
+    async def _subscribe(self) -> None:
+        inbox = self._nc.new_inbox()
+        self._subscription = await self._nc.subscribe(f"{inbox}.*", cb=self._on_reply)
+        self._reply_prefix = f"{inbox}."
+        self._sweeper = self._loop.create_task(self._sweep(), name="PubAck timeouts")
+
     async def _send(self, attempt: _Attempt) -> None:
         message = attempt.message
+        self._last_token += 1
+        token = str(self._last_token)
         attempt.started = time.monotonic()
+        self._waiting[token] = attempt
         try:
-            future = await self._js.publish_async(
-                message.subject, message.body, stream=self._stream, headers={MSG_ID_HEADER: message.msg_id}
+            await self._nc.publish(
+                message.subject, message.body, reply=self._reply_prefix + token,
+                headers={MSG_ID_HEADER: message.msg_id, EXPECTED_STREAM_HEADER: self._stream},
             )
         except _RETRYABLE as exc:
+            del self._waiting[token]
             self._retry_later(attempt, exc)
-            return
         except nats.errors.Error as exc:
+            del self._waiting[token]
             self._fail(_permanent_error(exc, message, self._stream))
-            return
-        # Cancelling the future on timeout also releases nats-py's pending-publish slot.
-        timer = self._loop.call_later(self._settings.ack_timeout_s, future.cancel)
-        future.add_done_callback(lambda done: self._on_done(attempt, timer, done))
 
-    def _on_done(self, attempt: _Attempt, timer: asyncio.TimerHandle, future: asyncio.Future) -> None:
-        timer.cancel()
-        if self._closed:
+    async def _on_reply(self, msg: Msg) -> None:
+        # A reply for an attempt that timed out meanwhile finds nothing: its retry gets a
+        # PubAck of its own, marked duplicate when the first publish was stored.
+        attempt = self._waiting.pop(msg.subject[len(self._reply_prefix):], None)
+        if attempt is None or self._closed:
             return
-        if future.cancelled():
-            error: BaseException | None = TimeoutError(f"no PubAck within {self._settings.ack_timeout_s} s")
-        else:
-            error = future.exception()
+        error, duplicate = _read_reply(msg)
         if error is None and self._drop_acks > 0:
             self._drop_acks -= 1
             error = TimeoutError("PubAck dropped by the test-only fault hook SSMD_FAULT_DROP_ACKS")
 
         if error is None:
-            self._complete(attempt, bool(future.result().duplicate))
+            self._complete(attempt, duplicate)
         elif isinstance(error, _RETRYABLE):
             self._retry_later(attempt, error)
         else:
             self._fail(_permanent_error(error, attempt.message, self._stream))
 
+    async def _sweep(self) -> None:
+        """Retry every attempt whose PubAck is overdue; checks a few times per ack timeout."""
+        timeout = self._settings.ack_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 0.5))
+            self._report()
+            deadline = time.monotonic() - timeout
+            overdue = []
+            for token, attempt in self._waiting.items():
+                if attempt.started > deadline:
+                    break  # attempts are in send order, so the rest are younger
+                overdue.append(token)
+            for token in overdue:
+                self._retry_later(self._waiting.pop(token), TimeoutError(f"no PubAck within {timeout} s"))
+
     def _complete(self, attempt: _Attempt, duplicate: bool) -> None:
         size = len(attempt.message.body)
         self._metrics.publish_latency.observe(time.monotonic() - attempt.started)
-        self._metrics.changes_published.inc()
-        self._metrics.bytes_published.inc(size)
-        if duplicate:
-            self._metrics.duplicates.inc()
+        unreported = self._unreported
+        unreported[0] += 1
+        unreported[1] += size
+        unreported[2] += duplicate
+        if unreported[0] >= _REPORT_EVERY:
+            self._report()
         try:
             self._on_ack(attempt.token)
         except SsmdError as exc:
@@ -204,8 +259,21 @@ class Publisher:
         self._room.set()
         if self._count == 0:
             self._idle.set()
+            self._report()
+
+    def _report(self) -> None:
+        """Add the locally counted PubAcks to the Prometheus counters."""
+        messages, size, duplicates = self._unreported
+        if messages:
+            self._metrics.changes_published.inc(messages)
+            self._metrics.bytes_published.inc(size)
+        if duplicates:
+            self._metrics.duplicates.inc(duplicates)
+        self._unreported = [0, 0, 0]
 
     def _retry_later(self, attempt: _Attempt, error: BaseException) -> None:
+        if self._closed:
+            return
         delay = backoff_delay(attempt.number, self._rng, self._settings.backoff_initial_s, self._settings.backoff_max_s)
         self._metrics.publish_retries.inc()
         level = logging.WARNING if attempt.number == 1 or attempt.number % 10 == 0 else logging.DEBUG
@@ -233,6 +301,26 @@ class Publisher:
     def _raise_failure(self) -> None:
         if self.failure is not None:
             raise self.failure
+
+
+def _read_reply(msg: Msg) -> tuple[BaseException | None, bool]:
+    """Return the error a JetStream reply reports (None for a PubAck) and whether it is a duplicate."""
+    if msg.headers and msg.headers.get(_STATUS_HEADER) == _NO_RESPONDERS:
+        return nats.js.errors.NoStreamResponseError(), False
+    try:
+        reply = orjson.loads(msg.data)
+    except orjson.JSONDecodeError as exc:
+        return DependencyError(f"invalid JetStream reply {msg.data[:200]!r}: {exc}"), False
+    if not isinstance(reply, dict):
+        return DependencyError(f"invalid JetStream reply {msg.data[:200]!r}: expected a JSON object"), False
+    if "error" in reply:
+        try:
+            nats.js.errors.APIError.from_error(reply["error"])
+        except nats.js.errors.APIError as exc:
+            return exc, False
+        except (KeyError, TypeError):
+            return DependencyError(f"invalid JetStream error reply {msg.data[:200]!r}"), False
+    return None, reply.get("duplicate") is True
 
 
 def _permanent_error(exc: BaseException, message: Message, stream: str) -> SsmdError:

@@ -192,13 +192,13 @@ class CdcDaemon:
         tables, slot_state = run_startup_checks(session.conn, settings.slot, settings.tables)
 
         session.nats = await connect_nats(settings.nats_url, name="ssmd-cdc", auth=settings.nats_auth)
-        js = session.nats.jetstream(publish_async_max_pending=settings.publish.max_in_flight * 2)
+        js = session.nats.jetstream()
         await ensure_stream(js, settings.stream, settings.limits)
         confirmed = await self._ensure_slot(session, js, slot_state)
 
         session.resolve_conn = await connect_async(settings.database_url, application_name="ssmd-cdc-resolve")
         session.publisher = Publisher(
-            js, settings.stream, lambda token: self._on_ack(session.tracker, token), self.metrics,
+            session.nats, settings.stream, lambda token: self._on_ack(session.tracker, token), self.metrics,
             settings=settings.publish, rng=self.rng, drop_first_acks=self._drop_acks,
         )
         pipeline = ChangePipeline(tables, session.resolve_conn, session.publisher, session.tracker, self.metrics, settings.batch_size)
