@@ -28,7 +28,7 @@ from ssmd.dev.servers import free_port
 from tests.integration.faults_support import ConfiguredNats, ConfiguredRedis, PasswordPostgres
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-EXIT_WITHIN_S = 8  # seconds; a start-up error must end the process well within this
+EXIT_WITHIN_S = 6  # seconds; a start-up error must end the process well within this
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:12]
 
 
