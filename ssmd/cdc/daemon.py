@@ -247,8 +247,7 @@ class CdcDaemon:
             while not self.stop.is_set():
                 batch = await reader.read(timeout=0.5)
                 self.metrics.bytes_read.inc(batch.bytes)
-                for row in batch.rows:
-                    await pipeline.feed(row)
+                await pipeline.feed_rows(batch.rows)
                 if batch.rows:
                     last_data = time.monotonic()
                     await pipeline.flush()
@@ -309,8 +308,7 @@ class CdcDaemon:
             pipeline.reset()
             rows_read = 0
             for rows in poller.peek():
-                for row in rows:
-                    await pipeline.feed(row)
+                await pipeline.feed_rows(rows)
                 rows_read += len(rows)
                 self.metrics.bytes_read.inc(sum(len(row) for row in rows))
             await pipeline.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 
 import psycopg
 
@@ -74,15 +75,33 @@ class ChangePipeline:
         self._decoder = Wal2JsonDecoder(self._tables.values(), only_known_tables=True)
 
     async def feed(self, row: bytes) -> None:
-        record = self._decoder.decode_row(row)
+        await self.feed_rows((row,))
+
+    async def feed_rows(self, rows: Iterable[bytes]) -> None:
+        """Decode rows in order, buffering changes and publishing whenever the buffer is full."""
+        decode = self._decoder.decode_row
+        pending = self._pending
+        changes = 0
+        try:
+            for row in rows:
+                record = decode(row)
+                if type(record) is DecodedChange:
+                    changes += 1
+                    pending.append((record, self._begin))
+                    if len(pending) >= self._batch_size:
+                        await self.flush()
+                        pending = self._pending
+                elif record is not None:
+                    await self._on_record(record)
+                    pending = self._pending
+        finally:
+            # One counter update per read: the counter takes a lock on every call.
+            self._metrics.changes_read.inc(changes)
+
+    async def _on_record(self, record: Begin | Commit | LogicalMessage) -> None:
         if isinstance(record, Begin):
             self._tracker.open(record.commit_lsn, record.next_lsn)
             self._begin = record
-        elif isinstance(record, DecodedChange):
-            self._metrics.changes_read.inc()
-            self._pending.append((record, self._begin))
-            if len(self._pending) >= self._batch_size:
-                await self.flush()
         elif isinstance(record, LogicalMessage):
             await self._on_message(record)
         elif isinstance(record, Commit):
@@ -97,15 +116,17 @@ class ChangePipeline:
             return
         pending, self._pending = self._pending, []
         rereads = await self._reread(pending)
+        publish = self._publisher.publish
+        sent = self._tracker.sent
         for index, (record, begin) in enumerate(pending):
-            if isinstance(record, LogicalMessage):
+            if type(record) is LogicalMessage:
                 message = encode_mark(record, begin.commit_lsn if begin else None)
                 token = Position(begin.commit_lsn if begin else record.lsn)
             else:
                 message = encode_change(fill_columns(record, rereads.get(index)) if index in rereads else record.change)
                 token = record.change.position
-            self._tracker.sent(token)
-            await self._publisher.publish(message, token)
+            sent(token)
+            await publish(message, token)
 
     async def _on_message(self, message: LogicalMessage) -> None:
         if message.prefix != MESSAGE_PREFIX:

@@ -76,6 +76,7 @@ def is_array_type(type_name: str) -> bool:
     return type_name.endswith("[]")
 
 
+@lru_cache(maxsize=1024)
 def is_float_like(type_name: str) -> bool:
     """Tell whether wal2json renders NaN and Infinity of this type as `null` (numeric, real, double)."""
     return base_type(type_name) in _FLOAT_TYPES

@@ -206,9 +206,9 @@ def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: B
     schema = message["schema"]
     table = message["table"]
     change_lsn = _change_lsn(message)
-    common = dict(op=op, schema=schema, table=table, position=position, xid=begin.xid, commit_time=begin.commit_time, change_lsn=change_lsn)
     if op is Op.TRUNCATE:
-        return DecodedChange(Change(**common), None, {})
+        change = Change(op, schema, table, position, begin.xid, commit_time=begin.commit_time, change_lsn=change_lsn)
+        return DecodedChange(change, None, {})
 
     types: dict[str, str] = {}
     new_row = _canonical_columns(message.get("columns"), "columns", types) if op is not Op.DELETE else None
@@ -219,7 +219,8 @@ def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: B
         if old_row is None:
             raise DecodeError("delete row without 'identity'")
         key = _pick(old_row, key_columns, "identity")
-        return DecodedChange(Change(**common, key=key), old_row, types)
+        change = Change(op, schema, table, position, begin.xid, key, commit_time=begin.commit_time, change_lsn=change_lsn)
+        return DecodedChange(change, old_row, types)
 
     assert new_row is not None
     key = _pick(new_row, key_columns, "columns")
@@ -233,7 +234,7 @@ def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: B
         unchanged = tuple(column.name for column in info.columns if column.name not in new_row)
         for column in info.columns:
             types.setdefault(column.name, column.type_name)
-    change = Change(**common, key=key, old_key=old_key, data=new_row, unchanged=unchanged)
+    change = Change(op, schema, table, position, begin.xid, key, old_key, new_row, unchanged, begin.commit_time, change_lsn)
     return DecodedChange(change, old_row, types)
 
 
@@ -308,10 +309,14 @@ def _column_converter(type_name: str) -> Callable[[Any], Any]:
 
 def _key_columns(message: dict[str, Any], info: TableInfo | None, old_row: Row | None) -> tuple[str, ...]:
     pk = message.get("pk")
-    if isinstance(pk, list) and pk:
-        names = tuple(entry.get("name") for entry in pk if isinstance(entry, dict))
-        if len(names) != len(pk) or not all(isinstance(name, str) for name in names):
-            raise DecodeError(f"invalid 'pk': {str(pk)[:200]}")
+    if type(pk) is list and pk:
+        try:
+            names = tuple([entry["name"] for entry in pk])
+        except (KeyError, TypeError):
+            raise DecodeError(f"invalid 'pk': {str(pk)[:200]}") from None
+        for name in names:
+            if type(name) is not str:
+                raise DecodeError(f"invalid 'pk': {str(pk)[:200]}")
         return names
     if info is not None and info.key_columns:
         return info.key_columns
@@ -348,6 +353,8 @@ def columns_to_fill(decoded: DecodedChange) -> tuple[str, ...]:
     change = decoded.change
     if change.data is None:
         return ()
+    if None not in change.data.values():
+        return change.unchanged
     nulls = tuple(
         name for name, value in change.data.items() if value is None and is_float_like(decoded.types.get(name, ""))
     )
