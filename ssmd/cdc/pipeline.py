@@ -159,7 +159,9 @@ class ChangePipeline:
         for table_key, entries in to_reread.items():
             table = self._tables[table_key]
             names = sorted(columns[table_key])
-            values = await reread_columns(self._resolve_conn, table, [record.change.key for _, record in entries], names)
+            keys = [record.change.key for _, record in entries]
+            xids = {record.change.xid for _, record in entries}
+            values = await reread_columns(self._resolve_conn, table, keys, names, xids)
             for (index, _), row in zip(entries, values):
                 results[index] = row
             self._metrics.reread_rows.inc(len(entries))
