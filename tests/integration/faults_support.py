@@ -102,10 +102,20 @@ class Pipeline:
         return self.cdc
 
     def start_cache(self, *extra_flags: str, wait_ready: bool = True) -> Daemon:
+        """Start `ssmd cache`; wait until this instance finished its warm or resumed the stream."""
+        before = self.cache_ready_lines()
         self.cache = Daemon("cache", self.env, self.cache_log, *self.cache_flags, *extra_flags)
         if wait_ready:
+            # The meta hash of a stopped instance can still say `ready`, so the log decides.
+            wait_until(lambda: self.cache_ready_lines() > before, 60, "the new ssmd cache to become ready", self.cache)
             self.wait_ready()
         return self.cache
+
+    def cache_ready_lines(self) -> int:
+        if not self.cache_log.exists():
+            return 0
+        text = self.cache_log.read_text(errors="replace")
+        return sum(1 for line in text.splitlines() if " cache ready " in line or " resuming from the stream " in line)
 
     def wait_ready(self, timeout: float = 60) -> dict[str, str]:
         return wait_until(lambda: (m := read_meta(self.env)).get("state") == "ready" and m, timeout, "cache state ready", self.cache)
@@ -128,12 +138,18 @@ class Pipeline:
         """Run `ssmd verify --timeout` while both daemons run."""
         for daemon in (self.cdc, self.cache):
             assert daemon is not None and daemon.alive(), f"ssmd {daemon.command if daemon else '?'} is not running before verify"
-        result = subprocess.run(
+        return self.finish_verify(self.start_verify(timeout), timeout)
+
+    def start_verify(self, timeout: float = 60) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "ssmd", "verify", "--timeout", str(timeout)],
-            env={**os.environ, **self.env}, cwd=REPOSITORY, capture_output=True, text=True, timeout=timeout + 60,
+            env={**os.environ, **self.env}, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        violations = [line for line in result.stdout.splitlines() if line.count("\t") >= 3]
-        return Verdict(result.returncode, violations, result.stdout, result.stderr)
+
+    def finish_verify(self, process: subprocess.Popen, timeout: float = 60) -> Verdict:
+        stdout, stderr = process.communicate(timeout=timeout + 60)
+        violations = [line for line in stdout.splitlines() if line.count("\t") >= 3]
+        return Verdict(process.returncode, violations, stdout, stderr)
 
     def history(self, keys: list[str], limit: int = 10) -> str:
         """Return the stream messages and Redis version of each key, for a violation report."""

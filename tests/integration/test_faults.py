@@ -29,7 +29,7 @@ from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
 from ssmd.dev.servers import free_port
 from tests.integration.faults_support import (
-    RESULTS, TABLES, BackgroundWorkload, Pipeline, ScenarioResult, SummaryPlugin, load_rows, pause, read_meta,
+    RESULTS, TABLES, BackgroundWorkload, Pipeline, ScenarioResult, SummaryPlugin, Verdict, load_rows, pause, read_meta,
     slot_active, slot_exists, wait_until,
 )
 
@@ -39,7 +39,7 @@ BASE_SEED = int(os.environ.get("SSMD_FAULT_SEED") or random.SystemRandom().randr
 SCENARIO_INDEX = {
     name: index for index, name in enumerate((
         "cdc_sigkill", "cache_sigkill_warm", "cache_sigkill_streaming", "nats_restart", "redis_restart_empty",
-        "redis_flushall", "postgres_restart", "stream_overflow", "slot_dropped", "poison_messages",
+        "redis_flushall", "postgres_restart", "stream_overflow", "slot_dropped", "poison_messages", "verify_during_warm",
     ))
 }
 VERIFY_TIMEOUT_S = 60
@@ -85,9 +85,10 @@ class Scenario:
     def fault(self) -> None:
         self.result.faults += 1
 
-    def verify(self) -> None:
-        """Run verify and fail the test with both daemon logs when it reports anything."""
-        verdict = self.pipe.verify(VERIFY_TIMEOUT_S)
+    def verify(self, verdict: Verdict | None = None) -> None:
+        """Run verify (or take its finished verdict) and fail with both daemon logs when it reports anything."""
+        if verdict is None:
+            verdict = self.pipe.verify(VERIFY_TIMEOUT_S)
         # Exit 1 lists violations; any other failure (exit 2: fence not reached) gives no verdict.
         self.result.violations = len(verdict.violations) if verdict.returncode in (0, 1) else None
         assert verdict.returncode == 0, f"{self.context()}\n{verdict.describe()}\n{self.pipe.history(verdict.keys())}\n{self.pipe.logs()}"
@@ -357,3 +358,25 @@ def test_poison_messages_terminated(pipeline):
             lines = _log_lines(log, rf"terminated poison message .*subject={re.escape(subject)} stream_seq={seq}\b")
             assert len(lines) == 1, f"{kind} (stream seq {seq}) not logged once as terminated:\n{pipeline.cache.log_tail()}"
         assert pipeline.cache.alive()
+
+
+def test_verify_while_cache_warms(pipeline):
+    # An operator runs verify while the cache is down; the cache then starts and warms. The
+    # verify fence commits before the warm's snapshot point, so the snapshot contains it.
+    with scenario("verify_during_warm", pipeline) as run:
+        pipeline.start()
+        run.start_workload()
+        pause(run.rng, 1.0, 2.0)
+        run.stop_workload()
+        assert pipeline.cache.stop() == 0
+        with redis.Redis.from_url(pipeline.env["REDIS_URL"]) as client:
+            client.flushdb()  # the cache lost its data while it was down, so it must warm
+        run.fault()
+
+        env = pipeline.env
+        last_seq = asyncio.run(_stream_state(env["NATS_URL"], env["NATS_STREAM"]))[1]
+        verify = pipeline.start_verify(VERIFY_TIMEOUT_S)
+        wait_until(lambda: asyncio.run(_stream_state(env["NATS_URL"], env["NATS_STREAM"]))[1] > last_seq, 30,
+                   "the verify fence to reach the stream", pipeline.cdc, interval=0.3)
+        pipeline.start_cache()
+        run.verify(pipeline.finish_verify(verify, VERIFY_TIMEOUT_S))
