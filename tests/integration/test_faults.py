@@ -112,8 +112,8 @@ def scenario(name: str, pipe: Pipeline, markets: int = SAMPLE_MARKETS):
 
 
 def _restart_cdc(pipe: Pipeline) -> None:
-    # PostgreSQL releases the slot when its walsender notices the killed client; `ssmd cdc`
-    # rejects a slot that another process still streams from, so wait for the release.
+    # PostgreSQL releases the slot only when its walsender notices the killed client. Because
+    # `ssmd cdc` rejects a slot that another process still streams from, wait for the release.
     wait_until(lambda: not slot_active(pipe.env), 30, "the walsender of the killed ssmd cdc to release the slot")
     pipe.start_cdc()
 
@@ -143,7 +143,8 @@ def test_cdc_sigkill_repeatedly(pipeline):
 
 
 def test_cache_sigkill_during_warm(pipeline):
-    # 4000 markets make four warm batches; 400 ms between batches keeps the warm open ~2 s.
+    # 4000 markets plus their events and fees make about six warm batches of 1000 rows, so a
+    # 400 ms pause after each keeps the warm open for about 2.5 s.
     with scenario("cache_sigkill_warm", pipeline, markets=4000) as run:
         pipeline.start_cdc()
         run.start_workload()
@@ -189,7 +190,8 @@ def test_nats_restart_keeps_file_store(pipeline, nats_server):
         pause(run.rng, 2.0, 3.0)
         run.stop_workload()
         run.verify()
-        assert pipeline.cdc.alive() and pipeline.cache.alive()
+        assert pipeline.cdc.alive()
+        assert pipeline.cache.alive()
         # The stream survived in the file store, so the cache had no reason to warm again.
         assert len(_log_lines(pipeline.cache.log_text(), r"warming the cache")) == 1, pipeline.cache.log_tail()
 
@@ -238,7 +240,8 @@ def test_postgres_restart(pipeline, pg_server):
         pause(run.rng, 1.0, 2.0)
         run.stop_workload()
         run.verify()
-        assert pipeline.cdc.alive() and pipeline.cache.alive()
+        assert pipeline.cdc.alive()
+        assert pipeline.cache.alive()
 
 
 async def _stream_state(url: str, stream: str) -> tuple[int, int]:
