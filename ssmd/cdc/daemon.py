@@ -32,7 +32,8 @@ import psycopg
 from ssmd.bus.connect import NatsAuth, connect_nats
 from ssmd.bus.publisher import Publisher, PublishSettings, backoff_delay
 from ssmd.bus.stream import StreamLimits, ensure_stream
-from ssmd.cdc.pipeline import ChangePipeline
+from ssmd.cdc.marks import slot_created_content
+from ssmd.cdc.pipeline import ChangePipeline, SlotAnnouncement
 from ssmd.config import redact_url
 from ssmd.core.confirm import AckTracker
 from ssmd.core.envelope import SLOT_CREATED_SUBJECT, encode_slot_created
@@ -41,18 +42,22 @@ from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
 from ssmd.logs import fields
 from ssmd.observe import CdcMetrics, Readiness, start_health_server
-from ssmd.pg.checks import SlotInUseError, create_slot, read_slot, run_startup_checks
+from ssmd.pg.checks import SlotInUseError, read_slot, run_startup_checks
 from ssmd.pg.connect import connect, connect_async
-from ssmd.pg.replication import MESSAGE_PREFIX, ReplicationStream, SlotPoller
+from ssmd.pg.replication import MESSAGE_PREFIX, ReplicationStream, SlotPoller, create_announced_slot
 
 log = logging.getLogger(__name__)
 
 # Test-only fault hooks, read from the environment; never set them in production.
-# SSMD_FAULT_EXIT_AFTER_ACKS=N ends the process with os._exit(97) right after the N-th PubAck,
-# as a crash between acknowledgements would. SSMD_FAULT_DROP_ACKS=N treats the first N PubAcks as
-# lost, so those publishes are retried with the same message id.
+# SSMD_FAULT_EXIT_AFTER_ACKS=N ends the process with os._exit(97) right after the N-th PubAck of
+# a change or mark (the slot announcement is not counted), as a crash between acknowledgements
+# would. SSMD_FAULT_DROP_ACKS=N treats the first N PubAcks as lost, so those publishes are
+# retried with the same message id. SSMD_FAULT_EXIT_AT=slot-staged ends the process after the
+# announcement is written but before the slot exists; slot-created ends it after the slot is
+# created, before anything is published.
 FAULT_EXIT_AFTER_ACKS = "SSMD_FAULT_EXIT_AFTER_ACKS"
 FAULT_DROP_ACKS = "SSMD_FAULT_DROP_ACKS"
+FAULT_EXIT_AT = "SSMD_FAULT_EXIT_AT"
 FAULT_EXIT_CODE = 97
 
 
@@ -101,6 +106,7 @@ class CdcDaemon:
         self._started = False  # True once a session streamed: a held slot is then our own old walsender
         self._exit_after_acks = int(os.environ.get(FAULT_EXIT_AFTER_ACKS, "0") or 0)
         self._drop_acks = int(os.environ.get(FAULT_DROP_ACKS, "0") or 0)
+        self._exit_at = os.environ.get(FAULT_EXIT_AT, "")
 
     async def run(self) -> int:
         """Run sessions until a stop signal; raise ConfigError for problems a restart cannot fix."""
@@ -201,25 +207,41 @@ class CdcDaemon:
             session.nats, settings.stream, lambda token: self._on_ack(session.tracker, token), self.metrics,
             settings=settings.publish, rng=self.rng, drop_first_acks=self._drop_acks,
         )
-        pipeline = ChangePipeline(tables, session.resolve_conn, session.publisher, session.tracker, self.metrics, settings.batch_size)
+        pipeline = ChangePipeline(
+            tables, session.resolve_conn, session.publisher, session.tracker, self.metrics, settings.batch_size, slot=settings.slot,
+        )
         if settings.poll:
             await self._poll(session, tables, pipeline)
         else:
             await self._stream(session, tables, pipeline, confirmed)
 
     async def _ensure_slot(self, session: _Session, js, slot_state) -> Lsn:
-        """Create the slot when missing and announce it; return the slot's confirmed position."""
+        """Create the slot when missing; return the slot's confirmed position.
+
+        A new slot announces itself through its own stream (see `create_announced_slot`): the
+        pipeline turns that logical message into `cdc._ssmd.slot_created`, and the slot is not
+        confirmed past it before its PubAck, so a crash at any point replays it.
+        """
         slot = self.settings.slot
         if slot_state is None:
-            point = create_slot(session.conn, slot)
+            point = create_announced_slot(
+                session.conn, slot, lambda point: slot_created_content(slot, point), before_copy=lambda: self._fault_exit_at("slot-staged"),
+            )
             log.info("created replication slot %s", fields(slot=slot, plugin="wal2json", consistent_point=point))
-            await self._announce_slot(js, point)
+            self._fault_exit_at("slot-created")
             return point
         if not await self._slot_announced(js):
-            # A crash between creating the slot and announcing it; a later point is the safe choice,
-            # because a cache whose snapshot lies below it re-warms.
+            # The stream contains no announcement of this slot, e.g. it was recreated. The
+            # confirmed position is later than the consistent point, which is the safe side:
+            # a cache whose snapshot lies below it re-warms.
             await self._announce_slot(js, slot_state.confirmed_flush)
         return slot_state.confirmed_flush
+
+    def _fault_exit_at(self, stage: str) -> None:
+        if self._exit_at == stage:
+            log.error("exiting at %s because %s is set (test-only fault hook)", stage, FAULT_EXIT_AT)
+            logging.shutdown()
+            os._exit(FAULT_EXIT_CODE)
 
     async def _slot_announced(self, js) -> bool:
         try:
@@ -329,6 +351,10 @@ class CdcDaemon:
             await self._sleep(self.settings.poll_interval_s)
 
     def _on_ack(self, tracker: AckTracker, token: object) -> None:
+        if isinstance(token, SlotAnnouncement):
+            tracker.acked(token.position)
+            log.info("published %s", fields(subject=SLOT_CREATED_SUBJECT, slot=self.settings.slot, lsn=token.position.commit_lsn))
+            return
         if isinstance(token, Position):
             tracker.acked(token)
         self._acks += 1

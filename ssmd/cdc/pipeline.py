@@ -4,6 +4,10 @@ Changes wait in a buffer of at most `batch_size` so that the columns wal2json di
 (unchanged TOAST, numeric NaN/Infinity as null) are re-read in one query per table and batch.
 The buffer is flushed when it is full, at every commit and after every read, so a huge
 transaction is published in slices while it streams in.
+
+ssmd's own logical messages (prefix `ssmd`) become `cdc._ssmd.mark` messages, except the one
+that announces this pipeline's slot, which becomes `cdc._ssmd.slot_created`. Both count as a
+change of their transaction, so the slot is confirmed past them only after their PubAck.
 """
 
 from __future__ import annotations
@@ -11,15 +15,16 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import psycopg
 
 from ssmd.bus.publisher import Publisher
-from ssmd.cdc.marks import encode_mark
+from ssmd.cdc.marks import encode_mark, parse_slot_created
 from ssmd.core.changes import Begin, Commit, LogicalMessage
 from ssmd.core.confirm import AckTracker
 from ssmd.core.encoding import is_float_like
-from ssmd.core.envelope import encode_change
+from ssmd.core.envelope import Message, encode_change, encode_slot_created
 from ssmd.core.errors import InternalError
 from ssmd.core.position import Position
 from ssmd.core.tables import TableInfo
@@ -31,6 +36,13 @@ from ssmd.pg.resolve import reread_columns
 log = logging.getLogger(__name__)
 
 _Pending = tuple[DecodedChange | LogicalMessage, Begin | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotAnnouncement:
+    """Publisher token of a `cdc._ssmd.slot_created` message at `position` in the slot's stream."""
+
+    position: Position
 
 
 def columns_to_reread(decoded: DecodedChange) -> list[str]:
@@ -57,6 +69,8 @@ class ChangePipeline:
         tracker: AckTracker,
         metrics: CdcMetrics,
         batch_size: int = 500,
+        *,
+        slot: str | None = None,
     ) -> None:
         self._tables = {(table.schema, table.name): table for table in tables}
         self._resolve_conn = resolve_conn
@@ -64,6 +78,7 @@ class ChangePipeline:
         self._tracker = tracker
         self._metrics = metrics
         self._batch_size = batch_size
+        self._slot = slot  # announcements of other slots are skipped
         self._decoder = Wal2JsonDecoder(tables, only_known_tables=True)
         self._begin: Begin | None = None
         self._pending: list[_Pending] = []
@@ -120,16 +135,28 @@ class ChangePipeline:
         sent = self._tracker.sent
         for index, (record, begin) in enumerate(pending):
             if type(record) is LogicalMessage:
-                message = encode_mark(record, begin.commit_lsn if begin else None)
-                token = Position(begin.commit_lsn if begin else record.lsn)
+                position = Position(begin.commit_lsn if begin else record.lsn)
+                message, token = self._encode_message(record, begin, position)
+                sent(position)
             else:
                 message = encode_change(fill_columns(record, rereads.get(index)) if index in rereads else record.change)
                 token = record.change.position
-            sent(token)
+                sent(token)
             await publish(message, token)
+
+    def _encode_message(self, record: LogicalMessage, begin: Begin | None, position: Position) -> tuple[Message, object]:
+        announced = parse_slot_created(record.content)
+        if announced is not None:
+            slot, point = announced
+            return encode_slot_created(slot, point), SlotAnnouncement(position)
+        return encode_mark(record, begin.commit_lsn if begin else None), position
 
     async def _on_message(self, message: LogicalMessage) -> None:
         if message.prefix != MESSAGE_PREFIX:
+            return
+        announced = parse_slot_created(message.content)
+        if announced is not None and announced[0] != self._slot:
+            log.debug("skipped the announcement of another slot slot=%s lsn=%s", announced[0], message.lsn)
             return
         if message.transactional and self._begin is not None:
             self._pending.append((message, self._begin))

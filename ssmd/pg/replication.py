@@ -23,7 +23,7 @@ import re
 import select
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -33,7 +33,7 @@ from ssmd.core.errors import ConfigError, DependencyError
 from ssmd.core.lsn import Lsn
 from ssmd.core.tables import TableInfo
 from ssmd.core.wal2json import WAL2JSON_OPTIONS
-from ssmd.pg.checks import SlotInUseError
+from ssmd.pg.checks import PLUGIN, SlotInUseError, classify_plugin_error
 from ssmd.pg.connect import connect, describe_target
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,49 @@ def escape_table_filter(name: str) -> str:
     before space, single quote, comma, period and asterisk. The backslash itself gets one too.
     """
     return re.sub(r"([\\,.* '])", r"\\\1", name)
+
+
+def create_announced_slot(conn: psycopg.Connection, slot: str, content: Callable[[Lsn], str], *, before_copy: Callable[[], None] | None = None) -> Lsn:
+    """Create the logical slot so that its own stream starts with a message announcing it.
+
+    The message is `pg_logical_emit_message(true, 'ssmd', content(S))`, where S is the consistent
+    point. Its transaction commits after S, so the slot decodes it like a change. A message
+    emitted after creating the slot itself would leave a window in which a crash keeps a slot
+    that never announces itself. So a temporary staging slot is created first, the message is
+    emitted, and `pg_copy_logical_replication_slot` then makes the permanent slot at the same
+    confirmed position S. A crash before the copy leaves no slot, because PostgreSQL drops a
+    temporary slot when its session ends. `before_copy` is a test hook. Returns S.
+    """
+    staging = f"{slot[:54]}_staging"
+    try:
+        row = conn.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s, true)", (staging, PLUGIN)).fetchone()
+    except psycopg.Error as exc:
+        raise classify_plugin_error(exc, staging) from exc
+    point = Lsn.parse(row[0])
+    try:
+        try:
+            conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (MESSAGE_PREFIX, content(point)))
+        except psycopg.Error as exc:
+            raise _emit_error(exc, slot) from exc
+        if before_copy is not None:
+            before_copy()
+        try:
+            conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s, false)", (staging, slot))
+        except psycopg.Error as exc:
+            raise classify_plugin_error(exc, slot) from exc
+    finally:
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (staging,))
+        except psycopg.Error as exc:
+            log.warning("dropping the staging slot failed; PostgreSQL drops it when the session ends slot=%s error=%s", staging, exc)
+    return point
+
+
+def _emit_error(exc: psycopg.Error, slot: str) -> Exception:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg.OperationalError):
+        return DependencyError(f"writing the announcement of replication slot {slot} failed: {text}")
+    return ConfigError(f"cannot write the announcement of replication slot {slot} with pg_logical_emit_message: {text}")
 
 
 def wal2json_options(tables: Iterable[TableInfo]) -> dict[str, str]:

@@ -180,3 +180,14 @@ def stream_count(url: str, stream: str) -> int:
 def changes(messages: list[StreamMessage]) -> list[StreamMessage]:
     """Return the row-change messages, without `cdc._ssmd.*` control messages."""
     return [message for message in messages if not message.subject.startswith("cdc._ssmd.")]
+
+
+def announcements(url: str, stream: str) -> list[StreamMessage]:
+    """Return the stream's `cdc._ssmd.slot_created` messages, in order."""
+    return read_stream(url, stream, "cdc._ssmd.slot_created")
+
+
+def wait_announced(env: dict[str, str], process: CdcProcess, count: int = 1, timeout: float = 30) -> list[StreamMessage]:
+    """Wait until the stream holds `count` slot announcements; the daemon publishes them after it starts streaming."""
+    return wait_until(lambda: (found := announcements(env["NATS_URL"], env["NATS_STREAM"])) and len(found) >= count and found,
+                      timeout, f"{count} slot_created message(s)", process, interval=0.2)

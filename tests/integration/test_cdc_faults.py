@@ -1,7 +1,8 @@
 """`ssmd cdc` under faults: crashes around PubAcks, lost PubAcks, restarts and server outages.
 
 The crash tests use the test-only hook SSMD_FAULT_EXIT_AFTER_ACKS=N (the daemon calls os._exit
-right after its N-th PubAck, before it can confirm the slot) or SIGKILL while NATS is down.
+right after its N-th PubAck of a change, before it can confirm the slot), SSMD_FAULT_EXIT_AT
+(os._exit at a step of creating the slot) or SIGKILL while NATS is down.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import psycopg
 import pytest
 
 from ssmd.core.lsn import Lsn
 from ssmd.cdc.daemon import FAULT_EXIT_CODE
 from tests.integration.cdc_support import (
-    MARKETS_SCHEMA, CdcProcess, changes, read_stream, run_sql, slot_state, stream_count, wait_streaming, wait_until,
+    MARKETS_SCHEMA, CdcProcess, announcements, changes, read_stream, run_sql, slot_state, stream_count, wait_announced,
+    wait_streaming, wait_until,
 )
 
 THREE_CHANGES = (
@@ -210,3 +213,54 @@ async def _delete_stream(url: str, name: str) -> None:
         await client.jetstream().delete_stream(name)
     finally:
         await client.close()
+
+
+def _slot_names(env) -> list[str]:
+    with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+        return [row[0] for row in conn.execute("SELECT slot_name FROM pg_replication_slots ORDER BY slot_name")]
+
+
+def test_crash_before_slot_announced(env, tmp_path):
+    # An announcement of an earlier slot with the same name is in the stream, as after an
+    # operator dropped the slot. The new slot must still be announced, at its own point.
+    process = _start(env, tmp_path)
+    wait_announced(env, process)
+    assert process.terminate() == 0
+    run_sql(env["DATABASE_URL"], f"SELECT pg_drop_replication_slot('{env['REPLICATION_SLOT']}')")
+    old_point = Lsn.parse(announcements(env["NATS_URL"], env["NATS_STREAM"])[0].body["consistent_point"])
+
+    crashed = CdcProcess(env, tmp_path / "cdc.log", extra_env={"SSMD_FAULT_EXIT_AT": "slot-created"})
+    assert crashed.wait(30) == FAULT_EXIT_CODE, crashed.log_text()[-3000:]
+    new_point = _confirmed(env)
+    assert new_point > old_point
+    assert len(announcements(env["NATS_URL"], env["NATS_STREAM"])) == 1
+    run_sql(env["DATABASE_URL"], THREE_CHANGES)
+
+    process = _start(env, tmp_path)
+    announced = wait_announced(env, process, count=2)
+    messages = _wait_changes(env, 3, process)
+    assert process.terminate() == 0
+
+    assert len(announced) == 2
+    assert announced[1].body == {"slot": env["REPLICATION_SLOT"], "consistent_point": str(new_point)}
+    assert announced[1].seq < messages[0].seq  # announced before the slot's first change
+    assert [int(m.body["seq"]) for m in messages] == [0, 1, 2]
+
+
+def test_crash_before_slot_exists(env, tmp_path):
+    # The announcement is written, but the process dies before the permanent slot exists: the
+    # temporary staging slot dies with the session, and the next start creates the slot anew.
+    crashed = CdcProcess(env, tmp_path / "cdc.log", extra_env={"SSMD_FAULT_EXIT_AT": "slot-staged"})
+    assert crashed.wait(30) == FAULT_EXIT_CODE, crashed.log_text()[-3000:]
+    wait_until(lambda: _slot_names(env) == [], 30, "the staging slot to disappear")
+
+    process = _start(env, tmp_path)
+    announced = wait_announced(env, process)
+    run_sql(env["DATABASE_URL"], THREE_CHANGES)
+    _wait_changes(env, 3, process)
+    assert process.terminate() == 0
+
+    assert _slot_names(env) == [env["REPLICATION_SLOT"]]
+    assert len(announced) == 1
+    assert announced[0].body["slot"] == env["REPLICATION_SLOT"]
+

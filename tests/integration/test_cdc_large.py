@@ -14,7 +14,7 @@ import nats
 from ssmd.core.lsn import Lsn
 from tests.integration.cdc_support import (
     MARKETS_SCHEMA, CdcProcess, changes, current_wal_lsn, read_stream, run_sql, slot_state, stream_count,
-    wait_streaming,
+    wait_announced, wait_streaming,
 )
 
 ROWS = 200_000 if os.environ.get("SSMD_LONG") == "1" else 50_000
@@ -37,6 +37,7 @@ def test_huge_transaction(ssmd_env, tmp_path):
             f"INSERT INTO markets SELECT 'M' || i, 'EV-' || (i % 100), 'open', i * 0.01, i, NULL FROM generate_series(1, {ROWS}) i")
     process = CdcProcess(ssmd_env, tmp_path / "cdc.log")
     wait_streaming(url, ssmd_env["REPLICATION_SLOT"], process)
+    wait_announced(ssmd_env, process)
     announced = stream_count(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"])  # the slot_created message
 
     before = current_wal_lsn(url)

@@ -15,7 +15,8 @@ from ssmd.core.jsontext import JsonNumber
 from ssmd.core.lsn import Lsn
 from ssmd.dev.servers import free_port
 from tests.integration.cdc_support import (
-    MARKETS_SCHEMA, CdcProcess, changes, current_wal_lsn, read_stream, run_sql, slot_state, wait_streaming, wait_until,
+    MARKETS_SCHEMA, CdcProcess, changes, current_wal_lsn, read_stream, run_sql, slot_state, wait_announced, wait_streaming,
+    wait_until,
 )
 
 
@@ -202,13 +203,22 @@ def test_cdc_forwards_marks(ssmd_env, cdc):
 
 def test_cdc_announces_slot_creation(ssmd_env, cdc):
     process = cdc()
-    announced = read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"], "cdc._ssmd.slot_created")
+    announced = wait_announced(ssmd_env, process)
+    run_sql(ssmd_env["DATABASE_URL"], "INSERT INTO markets VALUES ('TEST-1', 'EV-1', 'open', 1, 1, NULL)")
+    _wait_changes(ssmd_env, 1, process)
+    messages = read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"])
 
     assert len(announced) == 1
     assert announced[0].body["slot"] == ssmd_env["REPLICATION_SLOT"]
+    assert announced[0].msg_id == f"slot_created:{ssmd_env['REPLICATION_SLOT']}:{announced[0].body['consistent_point']}"
     point = Lsn.parse(announced[0].body["consistent_point"])
     assert point <= slot_state(ssmd_env["DATABASE_URL"], ssmd_env["REPLICATION_SLOT"])[0]
+    assert [m.subject for m in messages] == ["cdc._ssmd.slot_created", "cdc.markets.insert"]
     assert "created replication slot" in process.log_text()
+    # The staging slot that carried the announcement is gone.
+    with psycopg.connect(ssmd_env["DATABASE_URL"], autocommit=True) as conn:
+        slots = [row[0] for row in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s", (ssmd_env["REPLICATION_SLOT"][:54] + "%",))]
+    assert slots == [ssmd_env["REPLICATION_SLOT"]]
 
 
 def test_cdc_polling_mode(ssmd_env, cdc):
@@ -262,12 +272,13 @@ def test_cdc_publishes_truncate(ssmd_env, cdc):
 
 def test_cdc_reannounces_slot_to_new_stream(ssmd_env, cdc):
     first = cdc()
+    wait_announced(ssmd_env, first)  # the slot is then confirmed past its own announcement
     assert first.terminate() == 0
     confirmed = slot_state(ssmd_env["DATABASE_URL"], ssmd_env["REPLICATION_SLOT"])[0]
     asyncio.run(_delete_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"]))
 
-    cdc()
-    announced = read_stream(ssmd_env["NATS_URL"], ssmd_env["NATS_STREAM"], "cdc._ssmd.slot_created")
+    second = cdc()
+    announced = wait_announced(ssmd_env, second)
     assert len(announced) == 1
     assert Lsn.parse(announced[0].body["consistent_point"]) == confirmed
 
