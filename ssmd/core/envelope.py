@@ -63,11 +63,37 @@ def subject_for(change: Change) -> str:
     return f"{SUBJECT_PREFIX}.{subject_table(change.schema, change.table)}.{change.op.value}"
 
 
+class _LsnText:
+    """The text of the last commit LSN formatted: every change of a transaction shares it.
+
+    The pair is replaced as one tuple, so a reader in another thread never sees an LSN with
+    the text of another.
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: tuple[Lsn | None, str] = (None, "")
+
+    def format(self, lsn: Lsn) -> str:
+        last = self.last
+        if last[0] is lsn:
+            return last[1]
+        text = str(lsn)
+        self.last = (lsn, text)
+        return text
+
+
+_commit_lsn_text = _LsnText()
+
+
 def encode_change(change: Change) -> Message:
     """Return the stream message of a change."""
+    position = change.position
+    lsn = _commit_lsn_text.format(position.commit_lsn)
     body: dict[str, Any] = {
-        "lsn": str(change.position.commit_lsn),
-        "seq": change.position.index,
+        "lsn": lsn,
+        "seq": position.index,
         "xid": change.xid,
         "schema": change.schema,
         "table": change.table,
@@ -82,7 +108,8 @@ def encode_change(change: Change) -> Message:
         body["unchanged"] = list(change.unchanged)
     if change.commit_time is not None:
         body["commit_time"] = change.commit_time
-    return Message(subject_for(change), dumps(body), change.position.message_id())
+    # The same text as `Position.message_id()`, without formatting the LSN again.
+    return Message(subject_for(change), dumps(body), f"{lsn}:{position.index}")
 
 
 def decode_change(subject: str, body: bytes) -> Change:

@@ -248,7 +248,8 @@ class ReplicationStream:
             got = True
             kind = data[0:1]
             if kind == b"w":
-                _, wal_end, _ = _XLOG_DATA_HEADER.unpack_from(data, 1)
+                # The header's positions are not needed: a logical XLogData's walEnd equals its
+                # dataStart, and wal2json rows carry their own LSNs.
                 row = bytes(data[1 + _XLOG_DATA_HEADER.size:])
                 batch.rows.append(row)
                 batch.bytes += len(row)
