@@ -1,8 +1,8 @@
 """Ceilings measured in the same run: the fastest reader of the WAL, and Redis compare-and-set.
 
 - pg_recvlogical (PostgreSQL's own C client) streams the slot with the wal2json options ssmd cdc
-  uses and writes to /dev/null: no consumer of the same WAL can be faster than this on the same
-  server, so it bounds the publish and end-to-end rates.
+  uses and writes to /dev/null. No consumer of the same WAL can be faster on the same server,
+  so it bounds the publish and end-to-end rates.
 - A pipelined EVALSHA of a compare-and-set script with the same key shape as the cache's write
   (value key plus version key in one hash slot, fixed-width hex versions), the same batch size
   and values of the same sizes bounds the warm rate: warm also reads and encodes rows, the

@@ -60,7 +60,10 @@ def _command_output(command: list[str]) -> str:
         result = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
-    return (result.stdout or result.stderr).strip().splitlines()[0] if (result.stdout or result.stderr).strip() else "unknown"
+    text = (result.stdout or result.stderr).strip()
+    if not text:
+        return "unknown"
+    return text.splitlines()[0]
 
 
 def _redis_version() -> str:

@@ -1,8 +1,8 @@
 """Benchmark results: one row per measurement, printed as a table and written as Markdown.
 
 Every figure that has a ceiling is shown with the ceiling measured in the same run and the
-ratio between them, because the machines this runs on are shared and their speed varies from
-run to run more than the ratio does.
+ratio between them. The machines this runs on are shared, and their speed varies from run to
+run more than the ratio does.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 class Measurement:
     """One table row: a value in its unit, optionally against a ceiling and a target.
 
-    `target_kind` says how the target reads: "ratio_min" (ratio >= target), "max" (value <=
+    `target_kind` selects the comparison: "ratio_min" (ratio >= target), "max" (value <=
     target) or "below" (value < target). `error` replaces the value when the measurement failed.
     """
 
@@ -103,6 +103,9 @@ def table_rows(report: Report) -> list[list[str]]:
             ceiling = f"{measurement.ceiling_name}: {format_number(measurement.ceiling_value)}"
         ratio = measurement.ratio
         met = measurement.target_met()
+        met_text = ""
+        if met is not None:
+            met_text = "yes" if met else "NO"
         rows.append([
             measurement.name,
             value,
@@ -110,7 +113,7 @@ def table_rows(report: Report) -> list[list[str]]:
             ceiling,
             "" if ratio is None else f"{ratio:.2f}",
             measurement.target_text(),
-            "" if met is None else ("yes" if met else "NO"),
+            met_text,
         ])
     return rows
 

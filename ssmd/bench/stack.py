@@ -1,8 +1,8 @@
 """The servers one benchmark run starts for itself, and the daemons it runs against them.
 
-Two NATS servers keep the phases apart: ssmd's stream takes every subject under `cdc.>`, and
-JetStream rejects a second stream whose subjects overlap, so the publish-only and baseline
-phases use their own server while the end-to-end stream stays in place on the other.
+Two NATS servers keep the phases apart. ssmd's stream takes every subject under `cdc.>`, and
+JetStream rejects a second stream whose subjects overlap. So the publish-only and baseline
+phases use their own server, while the end-to-end stream stays in place on the other.
 """
 
 from __future__ import annotations

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-TARGETS_TABLE = "bench_targets"
-
 _SETUP_SQL = """
 DROP TABLE IF EXISTS bench_targets;
 CREATE TABLE bench_targets (n integer PRIMARY KEY, ticker text NOT NULL);
@@ -74,20 +72,6 @@ def current_wal_lsn(dsn: str) -> str:
         return connection.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
 
 
-def confirmed_flush_lsn(dsn: str, slot: str) -> str | None:
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        row = connection.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
-    return row[0] if row else None
-
-
-def lsn_reached(dsn: str, slot: str, target: str) -> bool:
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        row = connection.execute(
-            "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s", (target, slot)
-        ).fetchone()
-    return bool(row and row[0])
-
-
 def run_update_each(dsn: str, first_seq: int, last_seq: int, label: str, ring: int) -> float:
     """Commit one single-row UPDATE transaction per seq in [first_seq, last_seq]; return seconds."""
     started = time.perf_counter()
@@ -99,7 +83,7 @@ def run_update_each(dsn: str, first_seq: int, last_seq: int, label: str, ring: i
 def run_big_transaction(dsn: str, rows: int, sentinel_n: int, label: str) -> float:
     """Update `rows` markets in one transaction, then the sentinel row last; return seconds.
 
-    The sentinel's new title is the last change of the transaction, so once the cache holds it,
+    The sentinel's new title is the last change of the transaction, so once Redis contains it,
     the cache has applied the whole transaction.
     """
     started = time.perf_counter()
