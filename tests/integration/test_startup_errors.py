@@ -2,7 +2,7 @@
 
 Every bad setting must end the process with a non-zero status and exactly one error line on
 stderr that names the bad value and the fix, without a traceback. INFO log lines written before
-the check (the daemon's "starting" line) are allowed; warnings count as extra lines, because a
+the check (the daemon's "starting" line) are allowed. Warnings count as extra lines, because a
 daemon that retries a hopeless start-up prints them forever.
 """
 
@@ -28,12 +28,12 @@ from ssmd.dev.servers import free_port
 from tests.integration.faults_support import ConfiguredNats, ConfiguredRedis, PasswordPostgres
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-EXIT_WITHIN_S = 6  # seconds; a start-up error must end the process well within this
+EXIT_WITHIN_S = 6  # seconds within which a start-up error must end the process
 PASSWORD = "s3cret-" + uuid.uuid4().hex[:12]
 
 
 def run_ssmd(command: str, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
-    """Run `python -m ssmd <command>`; a process still running after EXIT_WITHIN_S is killed."""
+    """Run `python -m ssmd <command>` and kill it if it still runs after EXIT_WITHIN_S."""
     full_env = {key: value for key, value in os.environ.items() if key != "LOG_LEVEL"}
     full_env.update(env)
     process = subprocess.Popen(
