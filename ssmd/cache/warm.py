@@ -16,8 +16,10 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+
+import redis
 
 from ssmd.cache.metrics import CacheMetrics
 from ssmd.core.keys import KeySpace
@@ -27,7 +29,7 @@ from ssmd.core.tables import TableInfo
 from ssmd.logs import fields
 from ssmd.pg.snapshot import SnapshotReader
 from ssmd.store.cache_store import CacheStore, connect_redis_blocking, sweep_blocking
-from ssmd.store.scripts import APPLIED, BlockingScriptRunner, Script, ScriptCall
+from ssmd.store.scripts import APPLIED, BlockingScriptRunner, WarmWriteStream
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class WarmResult:
     written: int
     swept: int
     seconds: float
+    sweep_seconds: float = 0.0
 
 
 class WarmCancelled(Exception):
@@ -86,7 +89,7 @@ class Warmer:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            rows, written, swept = await asyncio.to_thread(self._copy, loop, started)
+            rows, written, swept, sweep_seconds = await asyncio.to_thread(self._copy, loop, started)
         finally:
             self._cancel.set()
         snapshot_lsn, _, _ = self.snapshot_ready.result()
@@ -95,14 +98,14 @@ class Warmer:
         self._metrics.warm_swept.set(swept)
         self._metrics.warm_rows_per_second.set(rows / seconds if seconds else 0.0)
         log.info("warm finished %s", fields(snapshot_lsn=snapshot_lsn, rows=rows, written=written, swept=swept, seconds=f"{seconds:.1f}", rows_per_s=f"{rows / seconds if seconds else 0:.0f}"))
-        return WarmResult(snapshot_lsn, rows, written, swept, seconds)
+        return WarmResult(snapshot_lsn, rows, written, swept, seconds, sweep_seconds)
 
     def cancel(self) -> None:
         """Make the worker thread stop after its current batch."""
         self._cancel.set()
 
-    def _copy(self, loop: asyncio.AbstractEventLoop, started: float) -> tuple[int, int, int]:
-        # Runs in a worker thread: snapshot, encode, write and sweep; returns (rows, written, swept).
+    def _copy(self, loop: asyncio.AbstractEventLoop, started: float) -> tuple[int, int, int, float]:
+        # Runs in a worker thread: snapshot, encode, write and sweep; returns (rows, written, swept, sweep seconds).
         client = connect_redis_blocking(self._redis_url, name="ssmd-cache-warm")
         try:
             scripts = BlockingScriptRunner(client)
@@ -115,44 +118,50 @@ class Warmer:
                     self._after_snapshot(reader.snapshot_lsn)
                 progress = _Progress(started, estimate, reader.snapshot_lsn, self._metrics)
                 for table in tables:
-                    self._copy_table(reader, table, scripts, progress)
-            swept = 0
-            for table in tables:
-                if self._cancel.is_set():
-                    raise WarmCancelled("warm cancelled")
-                namespace = self.keyspace.namespace(table.schema, table.name)
-                swept += sweep_blocking(client, self.keyspace, namespace, warm_version(progress.snapshot_lsn))
-            return progress.rows, progress.written, swept
+                    self._copy_table(reader, table, client, progress)
+            sweep_started = time.monotonic()
+            if self._cancel.is_set():
+                raise WarmCancelled("warm cancelled")
+            namespaces = [self.keyspace.namespace(table.schema, table.name) for table in tables]
+            swept = sweep_blocking(client, self.keyspace, namespaces, warm_version(progress.snapshot_lsn))
+            return progress.rows, progress.written, swept, time.monotonic() - sweep_started
         except BaseException as exc:
             loop.call_soon_threadsafe(_fail, self.snapshot_ready, exc)
             raise
         finally:
             client.close()
 
-    def _copy_table(self, reader: SnapshotReader, table: TableInfo, scripts: BlockingScriptRunner, progress: _Progress) -> None:
+    def _copy_table(self, reader: SnapshotReader, table: TableInfo, client: redis.Redis, progress: _Progress) -> None:
         namespace = self.keyspace.namespace(table.schema, table.name)
         version = warm_version(reader.snapshot_lsn).pack()
-        batch: list[ScriptCall] = []
-        for row in reader.rows(table):
-            value_key = self.keyspace.value_key(namespace, row.key)
-            batch.append(ScriptCall(Script.APPLY_WRITE, (value_key, self.keyspace.version_key_of(value_key)), (version, row.value, self._floor(namespace))))
-            if len(batch) >= BATCH_ROWS:
-                self._write(scripts, batch, progress)
-                batch = []
-        self._write(scripts, batch, progress)
-
-    def _write(self, scripts: BlockingScriptRunner, batch: list[ScriptCall], progress: _Progress) -> None:
-        if self._cancel.is_set():
-            raise WarmCancelled("warm cancelled")
-        results = scripts.run(batch)
-        progress.add(len(batch), sum(1 for result in results if result == APPLIED))
-        if self._delay_s:
-            time.sleep(self._delay_s)
+        key_prefix = self.keyspace.value_key(namespace, "").encode()
+        for results in write_batches(client, reader.batches(table, key_prefix, BATCH_ROWS), version, lambda: self._floor(namespace)):
+            progress.add(len(results), sum(1 for result in results if result == APPLIED))
+            if self._cancel.is_set():
+                raise WarmCancelled("warm cancelled")
+            if self._delay_s:
+                time.sleep(self._delay_s)
 
     def _floor(self, namespace: str) -> str:
         # The consumer may raise a floor (TRUNCATE) while the warm runs; dict reads are atomic.
         floor = self._floors.get(namespace)
         return floor.pack() if floor is not None else ""
+
+
+def write_batches(client: redis.Redis, batches: Iterable[list[tuple[bytes, bytes]]], version: str, floor: Callable[[], str]) -> Iterator[list[int]]:
+    """Write batches of (value key, row JSON) through `apply_write` at `version`; yield each batch's results.
+
+    One batch is in flight while the next is read and encoded, and `floor` is read again for
+    every batch because the consumer may raise a namespace's floor (TRUNCATE) during the warm.
+    A yielded list can hold the results of more than one batch, or none.
+    """
+    packed_version = version.encode()
+    with WarmWriteStream(client) as stream:
+        for batch in batches:
+            yield stream.send(batch, packed_version, floor().encode())
+            # Give the event loop's thread the GIL between batches (the consumer runs there).
+            time.sleep(0)
+        yield stream.finish()
 
 
 class _Progress:

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
-from ssmd.core.encoding import TextRowEncoder, encode_row
-from ssmd.core.errors import DependencyError
-from ssmd.core.keys import key_text
+from ssmd.core.encoding import TextRowEncoder, text_converter
+from ssmd.core.errors import DecodeError, DependencyError
+from ssmd.core.keys import escape_part, key_text
 from ssmd.core.lsn import Lsn
 from ssmd.core.tables import TableInfo
 from ssmd.pg.catalog import load_table
@@ -107,21 +108,37 @@ class SnapshotReader:
 
     def rows(self, table: TableInfo) -> Iterator[EncodedRow]:
         """Yield every row of `table` as key text and canonical JSON, read by COPY in text form."""
-        names = table.column_names()
-        encoder = TextRowEncoder([(column.name, column.type_name) for column in table.columns])
-        key_positions = [names.index(column) for column in table.key_columns]
-        query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
-            sql.SQL(", ").join(sql.Identifier(name) for name in names),
-            sql.Identifier(table.schema, table.name),
-        )
+        encode = TextRowEncoder([(column.name, column.type_name) for column in table.columns]).encode
+        key_of = _key_builder(table)
+        for values in self.text_rows(table):
+            yield EncodedRow(key_of(values), encode(values))
+
+    def text_rows(self, table: TableInfo) -> Iterator[tuple[str | None, ...]]:
+        """Yield every row of `table` as COPY prints it: one text value or None per column."""
         try:
-            with self._require_reader().cursor().copy(query) as copy:
-                for values in copy.rows():
-                    row = encoder.row(values)
-                    key = key_text([row[names[position]] for position in key_positions])
-                    yield EncodedRow(key, encode_row(row))
+            with self._require_reader().cursor().copy(_copy_query(table)) as copy:
+                yield from copy.rows()
         except psycopg.Error as exc:
             raise DependencyError(f"reading {table.qualified_name} from the snapshot failed: {exc}") from exc
+
+    def batches(self, table: TableInfo, key_prefix: bytes, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Yield the rows of `table` in lists of at most `size` (Redis value key, canonical JSON).
+
+        The value key is `key_prefix` followed by the key text, so the caller builds no string
+        per row. The warm's hot loop: converters and key builders are looked up once per table.
+        """
+        encode = TextRowEncoder([(column.name, column.type_name) for column in table.columns]).encode
+        key_of = _key_builder(table)
+        batch: list[tuple[bytes, bytes]] = []
+        append = batch.append
+        for values in self.text_rows(table):
+            append((key_prefix + key_of(values).encode(), encode(values)))
+            if len(batch) >= size:
+                yield batch
+                batch = []
+                append = batch.append
+        if batch:
+            yield batch
 
     def close(self) -> None:
         for conn in (self._reader, self._replication):
@@ -136,3 +153,56 @@ class SnapshotReader:
         if self._reader is None:
             raise DependencyError("snapshot reader is not open")
         return self._reader
+
+
+# Converters whose canonical value is a str equal to the text output (a JsonNumber is a str), so
+# `part_text` of it is that text: text types, integers, and numeric with its exact digits.
+_TEXT_KEY_CONVERTERS = frozenset({text_converter("text"), text_converter("bigint"), text_converter("numeric")})
+_NEEDS_ESCAPE = re.compile(r"[%:{}]")
+
+
+def _copy_query(table: TableInfo) -> sql.Composed:
+    return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
+        sql.SQL(", ").join(sql.Identifier(name) for name in table.column_names()),
+        sql.Identifier(table.schema, table.name),
+    )
+
+
+def _key_builder(table: TableInfo) -> Callable[[Sequence[str | None]], str]:
+    """Return the function from a COPY text row to the row's key text (`ssmd.core.keys.key_text`).
+
+    A key column whose canonical value is its text output (text types, integers, and numeric,
+    whose canonical value keeps the exact digits) needs no converter. Its text is escaped only when
+    it contains one of the characters `escape_part` replaces.
+    """
+    names = table.column_names()
+    parts = []
+    for name in table.key_columns:
+        column = table.columns[names.index(name)]
+        convert = text_converter(column.type_name)
+        parts.append((names.index(name), None if convert in _TEXT_KEY_CONVERTERS else convert))
+    if not parts:
+        raise DecodeError(f"table {table.qualified_name} has no key columns")
+
+    if len(parts) == 1 and parts[0][1] is None:
+        position = parts[0][0]
+
+        def single_text_key(values: Sequence[str | None]) -> str:
+            text = values[position]
+            if text is None:
+                raise DecodeError(f"key column {names[position]} of {table.qualified_name} is null: a key column must have a value")
+            if _NEEDS_ESCAPE.search(text) is None:
+                return text
+            return escape_part(text)
+
+        return single_text_key
+
+    def composite_key(values: Sequence[str | None]) -> str:
+        canonical = []
+        for position, convert in parts:
+            text = values[position]
+            canonical.append(text if convert is None or text is None else convert(text))
+        return key_text(canonical)
+
+    return composite_key
+

@@ -7,7 +7,7 @@ them. Namespaces are walked with SCAN MATCH until the cursor returns to 0.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import redis
 from redis.asyncio import Redis
@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000
 SWEEP_BATCH = 1000
+# The warm's sweep walks every key once, so a larger COUNT saves round trips. Redis runs each
+# SCAN call alone, and COUNT bounds how long one call delays the consumer's writes.
+SWEEP_SCAN_COUNT = 5000
 
 
 def connect_redis(url: str, *, name: str = "ssmd") -> Redis:
@@ -141,44 +144,47 @@ class CacheStore:
             raise DependencyError(f"Redis {what} failed: {exc}") from exc
 
 
-def sweep_blocking(client: redis.Redis, keyspace: KeySpace, namespace: str, threshold: Position) -> int:
-    """Remove every entry of `namespace` older than `threshold`, on a blocking client.
+def sweep_blocking(client: redis.Redis, keyspace: KeySpace, namespaces: str | Sequence[str], threshold: Position) -> int:
+    """Remove every entry of the namespaces older than `threshold`, on a blocking client.
 
-    One SCAN pass matches value keys and version keys. A pipelined GET of each key's version
-    leaves out the entries at or above the threshold, because a stored version never goes down,
-    and only the rest go through the sweep script, which decides again atomically.
+    One SCAN pass over the key space serves every namespace, matching value keys and version
+    keys under the prefix. One MGET of the version keys per SCAN reply leaves out the entries
+    at or above the threshold, because a stored version never goes down. Only the rest go
+    through the sweep script, which decides again atomically.
     """
+    if isinstance(namespaces, str):
+        namespaces = [namespaces]
     packed = threshold.pack().encode()
-    value_prefix = f"{keyspace.prefix}:{namespace}:"
+    value_prefixes = tuple(keyspace.value_key(namespace, "").encode() for namespace in namespaces)
     scripts = BlockingScriptRunner(client)
     removed = 0
     try:
-        for keys in _scan_blocking(client, f"*{value_prefix}*"):
-            value_keys = sorted({_value_key_of(key.decode()) for key in keys} - {None})
-            value_keys = [key for key in value_keys if key.startswith(value_prefix)]
-            with client.pipeline(transaction=False) as pipe:
-                for value_key in value_keys:
-                    pipe.get(keyspace.version_key_of(value_key))
-                versions = pipe.execute()
-            candidates = [key for key, version in zip(value_keys, versions) if version is None or version < packed]
+        for keys in _scan_blocking(client, f"*{keyspace.prefix}:*", SWEEP_SCAN_COUNT):
+            value_keys = sorted({_value_key_of(key) for key in keys})
+            value_keys = [key for key in value_keys if key.startswith(value_prefixes)]
+            if not value_keys:
+                continue
+            versions = client.mget([b"{%s}:v" % key for key in value_keys])
+            candidates = [key.decode() for key, version in zip(value_keys, versions) if version is None or version < packed]
             calls = [ScriptCall(Script.SWEEP_ONE, (key, keyspace.version_key_of(key)), (packed.decode(),)) for key in candidates]
             removed += sum(scripts.run(calls))
     except (RedisError, OSError) as exc:
-        raise DependencyError(f"Redis sweep of namespace {namespace} failed: {exc}") from exc
+        raise DependencyError(f"Redis sweep of namespaces {', '.join(namespaces)} failed: {exc}") from exc
     return removed
 
 
-def _scan_blocking(client: redis.Redis, pattern: str):
+def _scan_blocking(client: redis.Redis, pattern: str, count: int):
     cursor = 0
     while True:
-        cursor, keys = client.scan(cursor, match=pattern, count=SCAN_COUNT)
+        cursor, keys = client.scan(cursor, match=pattern, count=count)
         if keys:
             yield keys
         if cursor == 0:
             return
 
 
-def _value_key_of(key: str) -> str | None:
-    if key.startswith("{"):
-        return key[1:-3] if key.endswith("}:v") else None
+def _value_key_of(key: bytes) -> bytes:
+    # A version key `{<value key>}:v` maps to its value key; anything else is a value key.
+    if key.startswith(b"{") and key.endswith(b"}:v"):
+        return key[1:-3]
     return key
