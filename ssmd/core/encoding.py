@@ -156,7 +156,8 @@ def _bytea_from_text(text: str) -> JsonValue:
     return str(text)
 
 
-def _string_from_text(text: str) -> JsonValue:
+def string_from_text(text: str) -> JsonValue:
+    """Return the canonical value of a type whose text output is the value (text, uuid, ...)."""
     return str(text)
 
 
@@ -190,7 +191,7 @@ def text_converter(type_name: str) -> TextConverter:
         return _integer_from_text
     if name in _FLOAT_TYPES:
         return _number_from_text
-    return _TEXT_CONVERTERS.get(name, _string_from_text)
+    return _TEXT_CONVERTERS.get(name, string_from_text)
 
 
 _TEXT_CONVERTERS: dict[str, TextConverter] = {
@@ -295,7 +296,7 @@ class TextRowEncoder:
         self._converted = tuple(
             (index, name, text_converter(type_name))
             for index, (name, type_name) in enumerate(columns)
-            if text_converter(type_name) is not _string_from_text
+            if text_converter(type_name) is not string_from_text
         )
         self._encoded = tuple(
             (index, name, _FRAGMENT_CONVERTERS.get(convert, convert)) for index, name, convert in self._converted

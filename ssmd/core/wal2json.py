@@ -37,7 +37,9 @@ from typing import Any
 import orjson
 
 from ssmd.core.changes import Begin, Change, Commit, LogicalMessage, Op, Record, Row
-from ssmd.core.encoding import base_type, change_converter, is_float_like, value_from_text
+from ssmd.core.encoding import (
+    base_type, change_converter, is_array_type, is_float_like, string_from_text, text_converter, value_from_text,
+)
 from ssmd.core.errors import DecodeError
 from ssmd.core.jsontext import JsonNumber, loads
 from ssmd.core.lsn import Lsn
@@ -177,16 +179,17 @@ class Wal2JsonDecoder:
         )
 
     def _on_change(self, message: dict[str, Any], op: Op) -> DecodedChange | None:
-        lsn_text = _text(message.get("lsn"))
-        table_name = _table_name(message)
         begin = self._begin
         if begin is None:
-            raise DecodeError(f"{op.value} row outside a transaction", lsn=lsn_text, table=table_name)
+            raise DecodeError(f"{op.value} row outside a transaction", lsn=_text(message.get("lsn")), table=_table_name(message))
         index = self._next_index
         self._next_index += 1
 
-        schema = _required_text(message, "schema")
-        table = _required_text(message, "table")
+        schema = message.get("schema")
+        table = message.get("table")
+        if type(schema) is not str or type(table) is not str:
+            schema = _required_text(message, "schema")
+            table = _required_text(message, "table")
         info = self._tables.get((schema, table))
         if info is None and self._only_known:
             return None
@@ -198,7 +201,7 @@ class Wal2JsonDecoder:
                 return _decode_change(_parse_exact(self._row), op, position, begin, info)
         except DecodeError as exc:
             if exc.lsn is None:
-                raise DecodeError(str(exc), lsn=lsn_text, table=table_name) from None
+                raise DecodeError(str(exc), lsn=_text(message.get("lsn")), table=_table_name(message)) from None
             raise
 
 
@@ -230,12 +233,26 @@ def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: B
         if _key_changed(previous, key):
             old_key = previous
     unchanged: tuple[str, ...] = ()
-    if info is not None and op is Op.UPDATE:
+    if info is not None and op is Op.UPDATE and not new_row.keys() >= _column_names(info):
         unchanged = tuple(column.name for column in info.columns if column.name not in new_row)
         for column in info.columns:
             types.setdefault(column.name, column.type_name)
     change = Change(op, schema, table, position, begin.xid, key, old_key, new_row, unchanged, begin.commit_time, change_lsn)
     return DecodedChange(change, old_row, types)
+
+
+_COLUMN_NAMES: dict[int, tuple[TableInfo, frozenset[str]]] = {}
+
+
+def _column_names(info: TableInfo) -> frozenset[str]:
+    """Return the column names of a table, remembered by identity (TableInfo hashes slowly)."""
+    entry = _COLUMN_NAMES.get(id(info))
+    if entry is None or entry[0] is not info:
+        if len(_COLUMN_NAMES) >= 4096:
+            _COLUMN_NAMES.clear()
+        entry = (info, frozenset(column.name for column in info.columns))
+        _COLUMN_NAMES[id(info)] = entry
+    return entry[1]
 
 
 def _change_lsn(message: dict[str, Any]) -> Lsn | None:
@@ -299,9 +316,21 @@ def _number_value(value: Any) -> Any:
 _COLUMN_CONVERTERS: dict[str, Callable[[Any], Any]] = {}
 
 
+def _text_value(value: Any) -> Any:
+    if type(value) is not str:
+        raise DecodeError(f"invalid wal2json value {value!r}: expected a string")
+    return value
+
+
 def _column_converter(type_name: str) -> Callable[[Any], Any]:
     """Return (and remember) the converter of a non-null wal2json value of `type_name`."""
-    convert = _number_value if base_type(type_name) in _NUMBER_TYPES else change_converter(type_name)
+    name = base_type(type_name)
+    if name in _NUMBER_TYPES:
+        convert = _number_value
+    elif not is_array_type(name) and text_converter(name) is string_from_text:
+        convert = _text_value  # text, varchar, uuid and the like: the JSON string is the value
+    else:
+        convert = change_converter(type_name)
     if len(_COLUMN_CONVERTERS) < 4096:
         _COLUMN_CONVERTERS[type_name] = convert
     return convert
@@ -398,7 +427,7 @@ def fill_columns(decoded: DecodedChange, reread: Mapping[str, str | None] | None
 def _parse_json(data: bytes | str) -> dict[str, Any]:
     raw = data.encode() if isinstance(data, str) else data
     try:
-        message = orjson.loads(_NUMBER_VALUE.sub(rb'\1"\2"', raw))
+        message = orjson.loads(_NUMBER_VALUE.sub(_quote_number, raw))
     except orjson.JSONDecodeError:
         # orjson is stricter than the JSON standard in a few spots (e.g. a lone surrogate
         # escape), so a row it rejects gets the standard parser before it counts as invalid.
@@ -406,6 +435,12 @@ def _parse_json(data: bytes | str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise DecodeError(f"invalid wal2json row: expected a JSON object, got {type(message).__name__}")
     return message
+
+
+def _quote_number(match: re.Match[bytes]) -> bytes:
+    # A function is about three times faster than the template r'\1"\2"' on Python 3.11, which
+    # expands a template in Python code for every match.
+    return match[1] + b'"' + match[2] + b'"'
 
 
 def _parse_exact(data: bytes | str) -> dict[str, Any]:
