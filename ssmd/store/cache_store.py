@@ -160,17 +160,33 @@ def sweep_blocking(client: redis.Redis, keyspace: KeySpace, namespaces: str | Se
     removed = 0
     try:
         for keys in _scan_blocking(client, f"*{keyspace.prefix}:*", SWEEP_SCAN_COUNT):
-            value_keys = sorted({_value_key_of(key) for key in keys})
+            # A version key `{<value key>}:v` stands for its value key.
+            value_keys = {key[1:-3] if key[:1] == b"{" and key[-3:] == b"}:v" else key for key in keys}
             value_keys = [key for key in value_keys if key.startswith(value_prefixes)]
             if not value_keys:
                 continue
-            versions = client.mget([b"{%s}:v" % key for key in value_keys])
+            versions = _read_versions(client, value_keys)
             candidates = [key.decode() for key, version in zip(value_keys, versions) if version is None or version < packed]
             calls = [ScriptCall(Script.SWEEP_ONE, (key, keyspace.version_key_of(key)), (packed.decode(),)) for key in candidates]
             removed += sum(scripts.run(calls))
     except (RedisError, OSError) as exc:
         raise DependencyError(f"Redis sweep of namespaces {', '.join(namespaces)} failed: {exc}") from exc
     return removed
+
+
+def _read_versions(client: redis.Redis, value_keys: list[bytes]) -> list[bytes | None]:
+    # One MGET of the version keys, packed here: redis-py would encode each argument in Python.
+    packed = b"*%d\r\n$4\r\nMGET\r\n%s" % (len(value_keys) + 1, b"".join([b"$%d\r\n{%s}:v\r\n" % (len(key) + 4, key) for key in value_keys]))
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command([packed])
+        return connection.read_response(disable_decoding=True)
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 def _scan_blocking(client: redis.Redis, pattern: str, count: int):
@@ -181,10 +197,3 @@ def _scan_blocking(client: redis.Redis, pattern: str, count: int):
             yield keys
         if cursor == 0:
             return
-
-
-def _value_key_of(key: bytes) -> bytes:
-    # A version key `{<value key>}:v` maps to its value key; anything else is a value key.
-    if key.startswith(b"{") and key.endswith(b"}:v"):
-        return key[1:-3]
-    return key
