@@ -19,6 +19,8 @@ EXPECTED_ROWS = (
     "Redis EVALSHA CAS pipelined (ceiling)",
     "pg_recvlogical to /dev/null (ceiling)",
     "ssmd cdc publish (PubAck'd)",
+    "JetStream publish_async, one client (context)",
+    "JetStream pull fetch(500), ack each (context)",
     "baseline: one awaited publish per message",
     "ssmd cdc + cache end to end (commit to Redis)",
     "latency p50 at 1,000 changes/s",

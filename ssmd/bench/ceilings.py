@@ -7,6 +7,9 @@
   (value key plus version key in one hash slot, fixed-width hex versions), the same batch size
   and values of the same sizes bounds the warm rate: warm also reads and encodes rows, the
   ceiling only writes.
+- JetStream publish with a window of pending PubAcks, and a pull consumer acking each message,
+  with ssmd's own messages, show what NATS and nats-py allow one client on this machine. They are
+  context for the publish and end-to-end rates, which pg_recvlogical bounds.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from __future__ import annotations
 import subprocess
 import time
 
+import nats
 import redis
 
+from ssmd.bus.stream import StreamLimits, ensure_stream
+from ssmd.core.envelope import MSG_ID_HEADER
 from ssmd.core.wal2json import WAL2JSON_OPTIONS
 from ssmd.dev.servers import PG_BINDIR
 
@@ -82,3 +88,38 @@ def redis_cas_rate(redis_url: str, values: list[bytes], rows: int, batch_size: i
     finally:
         client.close()
     return rows / elapsed
+
+
+async def jetstream_rates(nats_url: str, stream: str, messages: list[tuple[str, bytes]], count: int) -> tuple[float, float]:
+    """Return (publish rate, consume rate) in messages per second for one client on one stream.
+
+    Publishing uses nats-py's `publish_async` with its default window of 4,000 pending PubAcks,
+    each message with its own `Nats-Msg-Id`, cycling through `messages` (subject, body) taken
+    from ssmd cdc's stream. Consuming uses a durable pull consumer, `fetch(500)` and one ack per
+    message, as a cache would.
+    """
+    client = await nats.connect(nats_url, name="ssmd-bench-ceiling")
+    try:
+        js = client.jetstream()
+        await ensure_stream(js, stream, StreamLimits())
+
+        started = time.perf_counter()
+        for index in range(count):
+            subject, body = messages[index % len(messages)]
+            await js.publish_async(subject, body, stream=stream, headers={MSG_ID_HEADER: f"ceiling:{index}"})
+        await js.publish_async_completed()
+        publish_rate = count / (time.perf_counter() - started)
+
+        subscription = await js.pull_subscribe("cdc.>", durable="bench-ceiling", stream=stream)
+        received = 0
+        started = time.perf_counter()
+        while received < count:
+            batch = await subscription.fetch(500, timeout=10)
+            for message in batch:
+                await message.ack()
+            received += len(batch)
+        consume_rate = count / (time.perf_counter() - started)
+        await js.delete_stream(stream)
+    finally:
+        await client.close()
+    return publish_rate, consume_rate

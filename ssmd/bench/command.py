@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         bench.generate_stream_load()
         bench.recvlogical()
         bench.cdc_publish()
+        bench.jetstream()
         bench.baseline()
         bench.end_to_end()
         bench.latency()

@@ -25,6 +25,13 @@ clock starts when the first change is in the stream and stops when all N are (st
 polled every 20 ms), so start-up (imports, connections, start-up checks) is excluded and shown
 separately.
 
+**JetStream context rows.** After the publish-only phase, one nats-py client publishes as
+many messages as the load has, cycled from 1,000 that ssmd cdc published, with `publish_async`
+(window of 4,000 pending PubAcks) into a fresh stream, then reads them back through a durable
+pull consumer with `fetch(500)` and one ack per message. These are not ceilings of the
+pipeline, which pg_recvlogical bounds, but they show what NATS and one Python client allow on
+the same machine at the same moment.
+
 **End-to-end rate.** `ssmd cache` has warmed before the load and is idle; then `ssmd cdc` starts
 on its slot. The clock starts when the first change is in the stream and stops when Redis holds
 the last transaction's row (`GET` polled every 20 ms). The cache applies changes in stream

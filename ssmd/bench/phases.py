@@ -37,6 +37,8 @@ TABLES = ["events", "markets", "series_fees"]
 E2E_STREAM = "SECMASTER_CDC"
 PUBLISH_STREAM = "BENCH_PUBLISH"
 BASELINE_STREAM = "BENCH_BASELINE"
+JETSTREAM_STREAM = "BENCH_JETSTREAM"
+SAMPLED_MESSAGES = 1000
 SLOT_RECVLOGICAL = "bench_recvlogical"
 SLOT_BASELINE = "bench_baseline"
 SLOT_PUBLISH = "bench_cdc_publish"
@@ -112,6 +114,7 @@ class BenchRun:
         self.end_lsn = ""
         self.targets = 0
         self.recvlogical_rate: float | None = None
+        self.sampled_messages: list[tuple[str, bytes]] = []
 
     # --- daemons ---------------------------------------------------------------------------
 
@@ -218,7 +221,27 @@ class BenchRun:
             log.exception("cdc publish phase failed")
         finally:
             self._stop(daemon)
+            try:
+                self.sampled_messages = asyncio.run(self._sample_messages(self.stack.nats_publish.url, PUBLISH_STREAM))
+            except Exception as exc:
+                log.warning("sampling messages of stream %s failed: %s", PUBLISH_STREAM, exc)
             asyncio.run(self._delete_stream(self.stack.nats_publish.url, PUBLISH_STREAM))
+
+    def jetstream(self) -> None:
+        """Measure JetStream publish and consume rates with the messages ssmd cdc published."""
+        publish = self.report.add(Measurement("JetStream publish_async, one client (context)", "msgs/s"))
+        consume = self.report.add(Measurement("JetStream pull fetch(500), ack each (context)", "msgs/s"))
+        try:
+            if not self.sampled_messages:
+                raise RuntimeError("no messages of ssmd cdc to publish (its phase failed)")
+            count = self.size.stream_transactions
+            publish_rate, consume_rate = asyncio.run(ceilings.jetstream_rates(self.stack.nats_publish.url, JETSTREAM_STREAM, self.sampled_messages, count))
+            publish.value, consume.value = publish_rate, consume_rate
+            mean_size = sum(len(body) for _, body in self.sampled_messages) / len(self.sampled_messages)
+            publish.detail = f"{count:,} messages cycled from {len(self.sampled_messages)} that ssmd cdc published (mean body {mean_size:.0f} bytes), window of 4,000 pending PubAcks"
+        except Exception as exc:
+            publish.error = consume.error = _short(exc)
+            log.exception("JetStream phase failed")
 
     def baseline(self) -> None:
         row = self.report.add(Measurement("baseline: one awaited publish per message", "changes/s", ceiling_name="pg_recvlogical", ceiling_value=self.recvlogical_rate))
@@ -406,6 +429,23 @@ class BenchRun:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {count} messages in stream {stream}")
                 await asyncio.sleep(POLL_S)
+        finally:
+            await client.close()
+
+    async def _sample_messages(self, nats_url: str, stream: str) -> list[tuple[str, bytes]]:
+        """Return (subject, body) of the stream's first change messages."""
+        client = await nats.connect(nats_url, name="ssmd-bench-sample")
+        try:
+            js = client.jetstream()
+            info = await js.stream_info(stream)
+            messages = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                message = await js.get_msg(stream, seq)
+                if not message.subject.startswith("cdc._ssmd."):
+                    messages.append((message.subject, message.data))
+                if len(messages) >= SAMPLED_MESSAGES:
+                    break
+            return messages
         finally:
             await client.close()
 
