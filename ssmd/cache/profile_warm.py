@@ -53,6 +53,12 @@ def report(name: str, rows: int, seconds: float) -> float:
     return rate
 
 
+def flush(redis_url: str) -> None:
+    # FLUSHDB of millions of keys takes longer than redis-py's default socket timeout.
+    with redis.Redis.from_url(redis_url, socket_timeout=300) as client:
+        client.flushdb()
+
+
 def time_copy_read(dsn: str) -> tuple[int, float]:
     started = time.perf_counter()
     rows = 0
@@ -85,25 +91,25 @@ def time_read_encode(dsn: str, keyspace: KeySpace, keep_rows: int) -> tuple[int,
 
 
 def time_write(redis_url: str, kept: list[tuple[str, list[tuple[bytes, bytes]]]]) -> tuple[int, float]:
+    flush(redis_url)
     client = connect_redis_blocking(redis_url, name="ssmd-profile-write")
     try:
-        client.flushdb()
         scripts = BlockingScriptRunner(client)
         scripts.load()
         version = warm_version(Lsn(0x100000000)).pack()
         started = time.perf_counter()
         written = sum(len(results) for results in write_batches(client, (batch for _, batch in kept), version, lambda: ""))
         elapsed = time.perf_counter() - started
-        client.flushdb()
     finally:
         client.close()
+    flush(redis_url)
     return written, elapsed
 
 
 async def run_warm(dsn: str, redis_url: str, keyspace: KeySpace):
+    flush(redis_url)
     store = CacheStore(connect_redis(redis_url, name="ssmd-profile"), keyspace)
     try:
-        await store.client.flushdb()
         warmer = Warmer(dsn, redis_url, store, TABLES, {}, CacheMetrics())
         return await warmer.run()
     finally:
@@ -187,13 +193,11 @@ def profile(postgres: PostgresServer, redis_server: RedisServer, args: argparse.
         report("  of which sweep", result.rows, result.sweep_seconds)
     if "ceiling" not in skip and kept:
         rows = result.rows if "warm" not in skip else sum(len(batch) for _, batch in kept)
-        # FLUSHDB of a million keys can take longer than the default socket timeout.
         ceiling_url = redis_server.url_for(1) + "?socket_timeout=120"
         rate = redis_cas_rate(ceiling_url, values, rows, BATCH_ROWS)
         print(f"{'ceiling: redis-py EVALSHA CAS':<28} {rows:>9,} rows {'':>10} {rate:>10,.0f} rows/s   load {load_average()} (batches of {BATCH_ROWS}, mean value {sum(map(len, values)) / len(values):.0f} bytes)", flush=True)
         if "warm" not in skip:
             print(f"warm / ceiling = {warm_rate / rate:.2f}", flush=True)
-    redis.Redis.from_url(redis_url).close()
     return 0
 
 
