@@ -6,6 +6,8 @@ import logging
 import re
 import sys
 
+from ssmd.core.errors import ConfigError
+
 _SECRET_PATTERNS = (
     (re.compile(r"(://[^:/@\s]*:)[^@\s]*@"), r"\1***@"),
     (re.compile(r"(password\s*=\s*)('[^']*'|[^\s&]+)", re.IGNORECASE), r"\1***"),
@@ -28,7 +30,13 @@ def fields(**values: object) -> str:
     return " ".join(f"{key}={value}" for key, value in values.items() if value is not None)
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr at `level`; raise ConfigError for a level name outside LEVELS."""
+    if str(level).upper() not in LEVELS:
+        raise ConfigError(f"invalid LOG_LEVEL {level!r}: use one of {', '.join(LEVELS)}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     handler.addFilter(RedactSecrets())

@@ -20,12 +20,13 @@ import time
 import psycopg
 
 from ssmd import config
-from ssmd.core.errors import DependencyError
+from ssmd.core.errors import ConfigError, DependencyError
 from ssmd.core.invariants import CacheState, DatabaseState, Violation, check
 from ssmd.core.keys import KeySpace
 from ssmd.core.lsn import Lsn
 from ssmd.core.tables import TableInfo
 from ssmd.logs import setup_logging
+from ssmd.pg.catalog import check_readable, load_tables
 from ssmd.pg.connect import connect
 from ssmd.pg.snapshot import SnapshotReader
 from ssmd.store.cache_store import CacheStore, connect_redis, ping
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    if not args.timeout > 0:
+        raise ConfigError(f"invalid --timeout {args.timeout}: give a positive number of seconds")
     keyspace = KeySpace(namespaces=config.parse_namespaces(args.cache_namespaces))
     violations = asyncio.run(
         verify(
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
 async def verify(dsn: str, redis_url: str, table_names: list[str], keyspace: KeySpace, *, timeout: float) -> list[Violation]:
     """Return the violations of the last comparison (empty when the cache matches)."""
     deadline = time.monotonic() + timeout
+    # Unknown tables or a missing privilege fail here, before verify waits for a fence.
+    await asyncio.to_thread(check_tables, dsn, table_names)
     client = connect_redis(redis_url, name="ssmd-verify")
     try:
         await ping(client, redis_url)
@@ -99,12 +104,34 @@ def emit_fence(dsn: str) -> Lsn:
     return Lsn.parse(lsn_text)
 
 
+def check_tables(dsn: str, table_names: list[str]) -> None:
+    """Raise ConfigError naming the first followed table that is missing or unreadable."""
+    with connect(dsn, application_name="ssmd-verify") as conn:
+        check_readable(conn, load_tables(conn, table_names))
+
+
+def fence_reached(meta: dict[str, str], fence: Lsn) -> bool:
+    """Return whether the cache holds everything committed before `fence`.
+
+    Either the cache applied the fence message itself, or it warmed from a snapshot whose
+    consistent point lies past the fence: every transaction that committed before the fence
+    was written is then inside that snapshot.
+    """
+    if meta.get("state") != "ready":
+        return False
+    applied = meta.get("applied_lsn")
+    snapshot = meta.get("snapshot_lsn")
+    if applied and Lsn.parse(applied) >= fence:
+        return True
+    return bool(snapshot) and Lsn.parse(snapshot) > fence
+
+
 async def wait_for_fence(store: CacheStore, fence: Lsn, deadline: float) -> None:
-    """Wait until the cache reports `applied_lsn` at or past `fence`."""
+    """Wait until the cache holds everything committed before `fence`."""
     while True:
         meta = await store.read_meta()
         applied = meta.get("applied_lsn")
-        if meta.get("state") == "ready" and applied and Lsn.parse(applied) >= fence:
+        if fence_reached(meta, fence):
             return
         if time.monotonic() >= deadline:
             raise DependencyError(

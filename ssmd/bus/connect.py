@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from ssmd.config import redact_url
 from ssmd.core.errors import ConfigError, DependencyError
 
 log = logging.getLogger(__name__)
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,19 @@ class NatsAuth:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+
+
+def check_files(auth: NatsAuth) -> None:
+    """Raise ConfigError for a credentials or TLS file that cannot be read.
+
+    nats-py reads a credentials file only when the server asks for a signature, so a wrong
+    path would otherwise go unnoticed until the server starts to require it.
+    """
+    named = (("NATS_CREDS", auth.credentials_file), ("NATS_TLS_CA", auth.tls_ca_file),
+             ("NATS_TLS_CERT", auth.tls_cert_file), ("NATS_TLS_KEY", auth.tls_key_file))
+    for setting, path in named:
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{setting} file {path!r} does not exist or is not readable: fix the path")
 
 
 def tls_context(auth: NatsAuth) -> ssl.SSLContext | None:
@@ -43,30 +59,54 @@ async def connect_nats(url: str, *, name: str, auth: NatsAuth = NatsAuth(), conn
     servers = [part.strip() for part in url.split(",") if part.strip()]
     if not servers:
         raise ConfigError(f"invalid NATS_URL {url!r}: expected e.g. nats://127.0.0.1:4222")
+    for server in servers:
+        scheme = server.split("://", 1)[0].lower() if "://" in server else ""
+        if scheme not in NATS_SCHEMES:
+            raise ConfigError(f"invalid NATS_URL {redact_url(server)!r}: use a nats://, tls://, ws:// or wss:// URL such as nats://127.0.0.1:4222")
+
+    client: Client | None = None
+    check_files(auth)
+    auth_error: str | None = None
+    last_error: str | None = None
+    connected = False
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats connection error: %s", exc)
+        nonlocal auth_error, last_error
+        last_error = str(exc).strip() or type(exc).__name__
+        if "authorization" in last_error.lower() or "authentication" in last_error.lower():
+            auth_error = last_error
+        if connected:
+            log.warning("nats connection error: %s", exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats disconnected from %s", redact_url(url))
+        # nats-py also calls this while the client closes on purpose; only a lost connection is news.
+        if connected and not client.is_closed:
+            log.warning("nats disconnected from %s", redact_url(url))
 
     async def on_reconnect() -> None:
         log.info("nats reconnected to %s", redact_url(url))
 
+    # The first connection gets two attempts per server, so a wrong URL or password fails at
+    # start-up instead of retrying forever; after it succeeds, reconnects never give up.
     options = dict(
         servers=servers, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
-        max_reconnect_attempts=-1, reconnect_time_wait=1, error_cb=on_error,
+        max_reconnect_attempts=1, reconnect_time_wait=1, error_cb=on_error,
         disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
         user=auth.user, password=auth.password, token=auth.token,
         user_credentials=auth.credentials_file, tls=tls_context(auth),
     )
     try:
-        return await nats.connect(**{key: value for key, value in options.items() if value is not None})
+        client = await nats.connect(**{key: value for key, value in options.items() if value is not None})
     except NoServersError as exc:
-        raise DependencyError(f"cannot connect to NATS at {redact_url(url)}: no server answered ({exc})") from exc
+        if auth_error is not None:
+            raise ConfigError(f"NATS at {redact_url(url)} rejected the credentials ({auth_error}): check the user, password, token or credentials file") from exc
+        raise DependencyError(f"cannot connect to NATS at {redact_url(url)}: {last_error or exc}; check that nats-server runs there") from exc
     except (OSError, TimeoutError) as exc:
         raise DependencyError(f"cannot connect to NATS at {redact_url(url)}: {exc}") from exc
     except nats.errors.Error as exc:
         if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
             raise ConfigError(f"NATS at {redact_url(url)} rejected the credentials: check the user, password, token or credentials file") from exc
         raise DependencyError(f"cannot connect to NATS at {redact_url(url)}: {exc}") from exc
+    client.options["max_reconnect_attempts"] = -1
+    connected = True
+    return client

@@ -34,7 +34,8 @@ from ssmd.core.position import Position
 from ssmd.core.tables import TableInfo
 from ssmd.logs import fields
 from ssmd.observe import Readiness, start_health_server
-from ssmd.pg.catalog import load_tables
+from ssmd.pg.catalog import check_readable, load_tables
+from ssmd.pg.checks import check_replication_privilege, check_wal_level
 from ssmd.pg.connect import connect
 from ssmd.store.cache_store import CacheStore, connect_redis, ping
 
@@ -91,6 +92,7 @@ class CacheDaemon:
         self._rng = rng or random.Random()
         self._clock = clock
         self._keyspace = KeySpace(namespaces=settings.namespaces)
+        self._connected_once = False
         self._consumer_settings = ConsumerSettings(settings.stream, settings.consumer, settings.ack_wait_s, settings.max_deliver)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -103,6 +105,10 @@ class CacheDaemon:
                 try:
                     await self._session(stop)
                 except DependencyError as exc:
+                    if not self._connected_once:
+                        # At start-up an unreachable server is most often a wrong URL: exit
+                        # with one error line and leave restarts to the service manager.
+                        raise
                     self.readiness.set_not_ready(f"dependency failed: {exc}")
                     if self._clock() - started > BACKOFF_MAX_S:
                         backoff = BACKOFF_START_S
@@ -124,6 +130,7 @@ class CacheDaemon:
             store = CacheStore(client, self._keyspace)
             await store.scripts.load()
             nc = await connect_nats(self.settings.nats_url, name="ssmd-cache", auth=self.settings.nats_auth)
+            self._connected_once = True
             js = nc.jetstream()
             await self._follow(stop, store, js, tables)
         finally:
@@ -151,7 +158,12 @@ class CacheDaemon:
 
     def _load_tables(self) -> list[TableInfo]:
         with connect(self.settings.database_url, application_name="ssmd-cache") as conn:
-            return load_tables(conn, self.settings.tables)
+            # The warm's exported snapshot needs logical decoding (wal_level, REPLICATION).
+            check_wal_level(conn)
+            check_replication_privilege(conn)
+            tables = load_tables(conn, self.settings.tables)
+            check_readable(conn, tables)
+            return tables
 
     def _resume(self, store: CacheStore, tables: list[TableInfo], meta: dict[str, str], position) -> Applier:
         contiguous = max(int(meta.get("stream_seq", "0")), position.ack_floor_stream_seq)

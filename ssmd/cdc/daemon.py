@@ -150,6 +150,11 @@ class CdcDaemon:
                 await self._sleep(delay)
                 continue
             except (DependencyError, psycopg.OperationalError, nats.errors.Error, OSError, TimeoutError) as exc:
+                if not self._started:
+                    # At start-up an unreachable server is most often a wrong URL: exit with
+                    # one error line and leave restarts to the service manager.
+                    await self._close(session, graceful=False)
+                    raise as_dependency_error(exc) from exc
                 failures += 1
                 self.readiness.set_not_ready(f"reconnecting: {exc}")
                 self.metrics.reconnects.inc()
@@ -404,3 +409,11 @@ def read_slot_position(dsn: str, slot: str) -> Lsn | None:
     with connect(dsn) as conn:
         state = read_slot(conn, slot)
     return state.confirmed_flush if state else None
+
+
+def as_dependency_error(exc: BaseException) -> DependencyError:
+    """Return `exc` as a DependencyError whose message is one line."""
+    if isinstance(exc, DependencyError):
+        return exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return DependencyError(f"start-up failed: {text}")

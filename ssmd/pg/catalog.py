@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+from psycopg import sql
 
 from ssmd.core.errors import ConfigError
 from ssmd.core.tables import ColumnInfo, TableInfo
@@ -62,3 +63,16 @@ def load_table(conn: psycopg.Connection, name: str) -> TableInfo:
 
 def load_tables(conn: psycopg.Connection, names: list[str]) -> list[TableInfo]:
     return [load_table(conn, name) for name in names]
+
+
+def check_readable(conn: psycopg.Connection, tables: list[TableInfo]) -> None:
+    """Raise ConfigError naming the first table this user may not SELECT from."""
+    for table in tables:
+        try:
+            conn.execute(sql.SQL("SELECT FROM {}.{} LIMIT 0").format(sql.Identifier(table.schema), sql.Identifier(table.name)))
+        except psycopg.errors.InsufficientPrivilege:
+            if not conn.autocommit:
+                conn.rollback()
+            raise ConfigError(
+                f"permission denied to read table {table.qualified_name}: run GRANT SELECT ON {table.qualified_name} TO <ssmd user>"
+            ) from None

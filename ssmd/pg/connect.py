@@ -58,8 +58,11 @@ async def connect_async(dsn: str, *, autocommit: bool = True, application_name: 
 def classify_connect_error(exc: psycopg.OperationalError, dsn: str) -> Exception:
     """Turn a failed connection into a ConfigError (user must act) or DependencyError (retry)."""
     where = describe_target(dsn)
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    # libpq's message spans lines ("... failed: Connection refused", then a hint): keep all of it on one line.
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
     lowered = str(exc).lower()
+    if "connection option" in lowered or "invalid sslmode" in lowered or "invalid value for parameter" in lowered:
+        return ConfigError(f"invalid DATABASE_URL for {where}: {text.strip()}; fix the value in DATABASE_URL")
     if "password authentication failed" in lowered or "no password supplied" in lowered:
         return ConfigError(f"authentication failed for {where}: check the user and password in DATABASE_URL")
     if "does not exist" in lowered and ("database" in lowered or "role" in lowered):

@@ -205,7 +205,7 @@ def test_cache_without_select_privilege(env, limited_role, pg_server):
         conn.execute(sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(role)))
     create_stream(env)
     result = run_ssmd("cache", {**env, "DATABASE_URL": url})
-    assert_one_error(result, "cache", "markets", "GRANT SELECT")
+    assert_one_error(result, "cache", "events", "GRANT SELECT")
 
 
 def test_unknown_role_named(env, pg_server):
@@ -253,6 +253,8 @@ def password_servers():
             conn.execute(sql.SQL("CREATE ROLE ssmd_app LOGIN REPLICATION PASSWORD {}").format(sql.Literal(PASSWORD)))
             conn.execute("CREATE DATABASE secmaster OWNER ssmd_app")
         apply_schema(postgres.url_for("secmaster"))
+        with psycopg.connect(postgres.url_for("secmaster"), autocommit=True) as conn:
+            conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO ssmd_app")
         with redis.Redis(host="127.0.0.1", port=redis_server.port) as client:
             client.execute_command("ACL", "SETUSER", "ssmd", "on", f">{PASSWORD}", "~*", "+@all")
         yield postgres, nats_server, redis_server
