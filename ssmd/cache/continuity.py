@@ -78,8 +78,27 @@ class SequenceTracker:
         if stream_seq <= self.contiguous:
             return
         self._done[stream_seq] = lsn
+        self._advance()
+
+    def acknowledged_through(self, ack_floor: int) -> None:
+        """Count every sequence up to the consumer's ack floor as handled.
+
+        A killed earlier instance may have acknowledged messages above the `stream_seq` it last
+        stored. JetStream never redelivers those, so without the floor the contiguous prefix
+        would stop below them for good.
+        """
+        if ack_floor <= self.contiguous:
+            return
+        for stream_seq in [seq for seq in self._done if seq <= ack_floor]:
+            self._cover(self._done.pop(stream_seq))
+        self.contiguous = ack_floor
+        self._advance()
+
+    def _advance(self) -> None:
         while self.contiguous + 1 in self._done:
             self.contiguous += 1
-            covered = self._done.pop(self.contiguous)
-            if covered is not None and (self.applied_lsn is None or covered > self.applied_lsn):
-                self.applied_lsn = covered
+            self._cover(self._done.pop(self.contiguous))
+
+    def _cover(self, lsn: Lsn | None) -> None:
+        if lsn is not None and (self.applied_lsn is None or lsn > self.applied_lsn):
+            self.applied_lsn = lsn

@@ -260,6 +260,9 @@ class CacheDaemon:
             raise RewarmNeeded("meta hash missing or not ready (Redis lost its data?)")
         if meta.get("stream_created") and meta["stream_created"] != format_created(stream.created):
             raise RewarmNeeded(f"stream recreated at {format_created(stream.created)}")
+        position = await read_consumer_position(js, self._consumer_settings)
+        if position is not None:
+            applier.tracker.acknowledged_through(position.ack_floor_stream_seq)
         gap = stream_gap_reason(applier.tracker.contiguous, stream)
         if gap is not None:
             raise RewarmNeeded(gap)

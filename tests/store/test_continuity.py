@@ -56,3 +56,26 @@ def test_contiguous_waits_for_redelivery():
     tracker.handled(8, None)  # terminated poison message: counts as handled, carries no LSN
     assert tracker.contiguous == 8
     assert tracker.applied_lsn == Lsn(70)
+
+
+def test_ack_floor_unblocks_contiguous_prefix():
+    # A killed instance acknowledged 7..9; only 6 comes back as a redelivery.
+    tracker = SequenceTracker(contiguous=5, last_first_delivery=9)
+    tracker.handled(6, Lsn(60))
+    tracker.handled(11, Lsn(110))
+    assert tracker.contiguous == 6
+
+    tracker.acknowledged_through(9)
+    assert tracker.contiguous == 9
+    assert tracker.applied_lsn == Lsn(60)
+
+    tracker.handled(10, Lsn(100))
+    assert tracker.contiguous == 11
+    assert tracker.applied_lsn == Lsn(110)
+
+
+def test_ack_floor_below_prefix_changes_nothing():
+    tracker = SequenceTracker(contiguous=8, last_first_delivery=8, applied_lsn=Lsn(80))
+    tracker.acknowledged_through(3)
+    assert tracker.contiguous == 8
+    assert tracker.applied_lsn == Lsn(80)
