@@ -2,7 +2,8 @@
 
 The warm version of a snapshot at S is `warm_version(S)`, just below (S, 0). A worker thread
 reads the snapshot (`ssmd.pg.snapshot`), encodes rows and writes them in pipelined batches
-through the versioned write script on a blocking Redis client. The consumer runs at the same
+through the versioned write script on a blocking Redis client, with one batch in flight while
+it reads and encodes the next. The consumer runs at the same
 time on the event loop, and the scripts make the order of their writes irrelevant. A change the
 consumer already applied has a version at or above (S, 0), so the older snapshot row does not
 replace it. A tombstone left by a delete stops the snapshot row from coming back. After the last
