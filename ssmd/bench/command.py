@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -33,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    # SIGTERM unwinds like Ctrl-C, so the daemons and servers this run started are stopped.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     size = SIZES[args.size]
     if args.markets is not None or args.transactions is not None:
         size = size.scaled(markets_rows=args.markets, transactions=args.transactions)
@@ -80,3 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for measurement in failed:
         log.error("measurement failed: %s: %s", measurement.name, measurement.error)
     return 1 if failed else 0
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"received signal {signum}")

@@ -161,7 +161,7 @@ class BenchRun:
             })
             started = time.perf_counter()
             self.cache.start()
-            wait_until(self._cache_ready, self.size.phase_timeout_s, "ssmd cache to finish its warm", interval=0.1, daemons=(self.cache,))
+            wait_until(self._cache_ready_or_failed, self.size.phase_timeout_s, "ssmd cache to finish its warm", interval=0.1, daemons=(self.cache,))
             elapsed = time.perf_counter() - started
             rows = int(self.redis.hget("secmaster:meta", "warm_rows") or 0)
             if rows <= 0:
@@ -260,8 +260,8 @@ class BenchRun:
     def end_to_end(self) -> None:
         row = self.report.add(Measurement("ssmd cdc + cache end to end (commit to Redis)", "changes/s", ceiling_name="pg_recvlogical", ceiling_value=self.recvlogical_rate, target=TARGET_E2E_RATIO, target_kind="ratio_min"))
         try:
-            if self.cache is None or not self.cache.running():
-                raise RuntimeError("ssmd cache is not running (warm failed)")
+            if self.cache is None or not self.cache.running() or not self._cache_ready():
+                raise RuntimeError("ssmd cache is not running or not ready (see the warm row)")
             count = self.size.stream_transactions
             last_key = self._market_key(workload.target_ticker(self.dsn, (count - 1) % count))
             last_title = f"{STREAM_LABEL} {count - 1} ".encode()
@@ -292,6 +292,8 @@ class BenchRun:
             try:
                 if self.cdc_e2e is None or not self.cdc_e2e.running() or self.cache is None or not self.cache.running():
                     raise RuntimeError("ssmd cdc and ssmd cache are not both running")
+                if not self._cache_ready():
+                    raise RuntimeError("ssmd cache is not ready")
                 summary, detail = self._measure_latency(rate)
                 p50.value, p99.value, maximum.value = summary["p50"], summary["p99"], summary["max"]
                 p99.detail = detail
@@ -307,6 +309,8 @@ class BenchRun:
             daemons = (self.cdc_e2e, self.cache)
             if any(daemon is None or not daemon.running() for daemon in daemons):
                 raise RuntimeError("ssmd cdc and ssmd cache are not both running")
+            if not self._cache_ready():
+                raise RuntimeError("ssmd cache is not ready")
             lifetime = {daemon.name: daemon.memory_kib().get("VmHWM", 0) for daemon in daemons}
             reset = all(daemon.reset_peak_rss() for daemon in daemons)
             rows = self.size.big_transaction_rows
@@ -382,6 +386,19 @@ class BenchRun:
 
     def _cache_ready(self) -> bool:
         return self.redis.hget("secmaster:meta", "state") == b"ready"
+
+    def _cache_ready_or_failed(self) -> bool:
+        """Return True once the warm is done; raise when the cache had to start its warm again.
+
+        A warm that fails is retried by the daemon from the start, so waiting longer would only
+        repeat the failure until the phase timeout.
+        """
+        if self._cache_ready():
+            return True
+        failure = _last_log_line(self.cache.log_path, "cache session failed")
+        if failure is not None:
+            raise RuntimeError(f"ssmd cache warm failed and restarted: {failure}")
+        return False
 
     def _market_key(self, ticker: str) -> str:
         return self.keyspace.row_value_key("public", "markets", {"ticker": ticker})
