@@ -9,7 +9,8 @@ loopback ports (or reuses the ones recorded under `--root`), loads the sample ta
    writer into an empty database;
 4. the warm itself (`Warmer`): snapshot, read, encode, write and sweep, into an empty database;
 5. the ceiling: pipelined EVALSHA of a compare-and-set script through redis-py with the warm's
-   batch size, values cycled from the encoded rows (`ssmd.bench.ceilings.redis_cas_rate`).
+   batch size and row count, values cycled from the first row of every encoded batch
+   (`ssmd.bench.ceilings.redis_cas_rate`).
 
 Every figure is printed with the load average at the time, because the machine may be shared.
 Phases 2 and 3 keep at most `--keep-rows` encoded rows in memory.
