@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import sys
 import time
 
 import psycopg
 from redis.exceptions import RedisError
 
 from ssmd import config
-from ssmd.bus.connect import NatsAuth, connect_nats
+from ssmd.bus.connect import NatsAuth, add_nats_auth_arguments, connect_nats, nats_auth_from_args
 from ssmd.core.errors import SsmdError
 from ssmd.core.keys import DEFAULT_PREFIX
 from ssmd.logs import setup_logging
@@ -28,12 +26,6 @@ from ssmd.store.cache_store import connect_redis
 _SETTINGS = (
     config.DATABASE_URL, config.NATS_URL, config.REDIS_URL, config.REPLICATION_SLOT,
     config.NATS_STREAM, config.CONSUMER_NAME,
-)
-_NATS_AUTH = (
-    ("--nats-user", "NATS_USER", "NATS user name"),
-    ("--nats-password", "NATS_PASSWORD", "NATS password (prefer the environment: flags show in ps)"),
-    ("--nats-token", "NATS_TOKEN", "NATS authentication token"),
-    ("--nats-creds", "NATS_CREDS", "path of a NATS credentials (.creds) file"),
 )
 PART_TIMEOUT_S = 10.0
 
@@ -49,8 +41,7 @@ WHERE slot_name = %s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_settings(parser, *_SETTINGS)
-    for flag, env, help_text in _NATS_AUTH:
-        parser.add_argument(flag, default=os.environ.get(env), help=f"{help_text} (env {env}; default unset)")
+    add_nats_auth_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -71,7 +62,7 @@ async def collect(args: argparse.Namespace) -> dict[str, dict]:
 
     A part that fails carries an `error` message instead of its fields.
     """
-    auth = NatsAuth(user=args.nats_user, password=args.nats_password, token=args.nats_token, credentials_file=args.nats_creds)
+    auth = nats_auth_from_args(args)
     parts = {
         "slot": _guard(read_slot(config.require(args.database_url, config.DATABASE_URL), args.replication_slot)),
         "stream": _guard(read_stream_and_consumer(args.nats_url, auth, args.nats_stream, args.consumer_name)),

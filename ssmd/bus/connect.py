@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import ssl
@@ -30,6 +31,31 @@ class NatsAuth:
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+
+
+# NATS authentication and TLS options: (flag, environment name, help).
+NATS_AUTH_OPTIONS = (
+    ("--nats-user", "NATS_USER", "NATS user name"),
+    ("--nats-password", "NATS_PASSWORD", "NATS password (prefer the environment: flags show in ps)"),
+    ("--nats-token", "NATS_TOKEN", "NATS authentication token"),
+    ("--nats-creds", "NATS_CREDS", "path of a NATS credentials (.creds) file"),
+    ("--nats-tls-ca", "NATS_TLS_CA", "path of the CA certificate that signed the NATS server certificate"),
+    ("--nats-tls-cert", "NATS_TLS_CERT", "path of the client certificate for NATS TLS"),
+    ("--nats-tls-key", "NATS_TLS_KEY", "path of the client certificate's private key"),
+)
+
+
+def add_nats_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the NATS authentication and TLS flags, each defaulting to its environment variable."""
+    for flag, env, help_text in NATS_AUTH_OPTIONS:
+        parser.add_argument(flag, default=os.environ.get(env), help=f"{help_text} (env {env}; default unset)")
+
+
+def nats_auth_from_args(args: argparse.Namespace) -> NatsAuth:
+    return NatsAuth(
+        user=args.nats_user, password=args.nats_password, token=args.nats_token, credentials_file=args.nats_creds,
+        tls_ca_file=args.nats_tls_ca, tls_cert_file=args.nats_tls_cert, tls_key_file=args.nats_tls_key,
+    )
 
 
 def check_files(auth: NatsAuth) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 
 from ssmd import config
-from ssmd.bus.connect import NatsAuth
+from ssmd.bus.connect import add_nats_auth_arguments, nats_auth_from_args
 from ssmd.cache.daemon import CacheDaemon, CacheSettings
 from ssmd.core.errors import ConfigError
 from ssmd.logs import setup_logging
@@ -18,21 +17,10 @@ _SETTINGS = (
     config.CONSUMER_NAME, config.CACHE_NAMESPACES, config.METRICS_PORT, config.LOG_LEVEL,
 )
 
-_NATS_AUTH = (
-    ("--nats-user", "NATS_USER", "NATS user name"),
-    ("--nats-password", "NATS_PASSWORD", "NATS password (prefer the environment: flags show in ps)"),
-    ("--nats-token", "NATS_TOKEN", "NATS authentication token"),
-    ("--nats-creds", "NATS_CREDS", "path of a NATS credentials (.creds) file"),
-    ("--nats-tls-ca", "NATS_TLS_CA", "path of the CA certificate that signed the NATS server certificate"),
-    ("--nats-tls-cert", "NATS_TLS_CERT", "path of the client certificate for NATS TLS"),
-    ("--nats-tls-key", "NATS_TLS_KEY", "path of the client certificate's private key"),
-)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_settings(parser, *_SETTINGS)
-    for flag, env, help_text in _NATS_AUTH:
-        parser.add_argument(flag, default=os.environ.get(env), help=f"{help_text} (env {env}; default unset)")
+    add_nats_auth_arguments(parser)
     group = parser.add_argument_group("consumer")
     group.add_argument("--ack-wait", type=float, default=30, help="seconds JetStream waits for an ack before redelivering (default 30)")
     group.add_argument("--max-deliver", type=int, default=5, help="deliveries of a failing message before it is terminated (default 5)")
@@ -57,10 +45,7 @@ def settings_from_args(args: argparse.Namespace) -> CacheSettings:
         stream=config.require(args.nats_stream, config.NATS_STREAM),
         consumer=config.require(args.consumer_name, config.CONSUMER_NAME),
         namespaces=config.parse_namespaces(args.cache_namespaces),
-        nats_auth=NatsAuth(
-            user=args.nats_user, password=args.nats_password, token=args.nats_token, credentials_file=args.nats_creds,
-            tls_ca_file=args.nats_tls_ca, tls_cert_file=args.nats_tls_cert, tls_key_file=args.nats_tls_key,
-        ),
+        nats_auth=nats_auth_from_args(args),
         metrics_port=config.parse_int(args.metrics_port, config.METRICS_PORT),
         ack_wait_s=args.ack_wait,
         max_deliver=args.max_deliver,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 
 from ssmd import config
-from ssmd.bus.connect import NatsAuth
+from ssmd.bus.connect import add_nats_auth_arguments, nats_auth_from_args
 from ssmd.bus.publisher import PublishSettings
 from ssmd.bus.stream import StreamLimits
 from ssmd.cdc.daemon import CdcDaemon, CdcSettings
@@ -20,22 +19,10 @@ _SETTINGS = (
     config.POLL_INTERVAL_MS, config.METRICS_PORT, config.LOG_LEVEL,
 )
 
-# NATS authentication: (flag, environment name, help).
-_NATS_AUTH = (
-    ("--nats-user", "NATS_USER", "NATS user name"),
-    ("--nats-password", "NATS_PASSWORD", "NATS password (prefer the environment: flags show in ps)"),
-    ("--nats-token", "NATS_TOKEN", "NATS authentication token"),
-    ("--nats-creds", "NATS_CREDS", "path of a NATS credentials (.creds) file"),
-    ("--nats-tls-ca", "NATS_TLS_CA", "path of the CA certificate that signed the NATS server certificate"),
-    ("--nats-tls-cert", "NATS_TLS_CERT", "path of the client certificate for NATS TLS"),
-    ("--nats-tls-key", "NATS_TLS_KEY", "path of the client certificate's private key"),
-)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_settings(parser, *_SETTINGS)
-    for flag, env, help_text in _NATS_AUTH:
-        parser.add_argument(flag, default=os.environ.get(env), help=f"{help_text} (env {env}; default unset)")
+    add_nats_auth_arguments(parser)
 
     stream = parser.add_argument_group("stream settings (applied when the stream is created or differs)")
     stream.add_argument("--stream-replicas", type=int, default=1, help="number of stream replicas in a NATS cluster (default 1)")
@@ -72,10 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> CdcSettings:
         slot=validate_slot_name(config.require(args.replication_slot, config.REPLICATION_SLOT)),
         tables=config.parse_tables(args.cdc_tables),
         stream=config.require(args.nats_stream, config.NATS_STREAM),
-        nats_auth=NatsAuth(
-            user=args.nats_user, password=args.nats_password, token=args.nats_token, credentials_file=args.nats_creds,
-            tls_ca_file=args.nats_tls_ca, tls_cert_file=args.nats_tls_cert, tls_key_file=args.nats_tls_key,
-        ),
+        nats_auth=nats_auth_from_args(args),
         limits=StreamLimits(
             replicas=args.stream_replicas, max_messages=args.stream_max_messages, max_bytes=args.stream_max_bytes,
             max_age_s=args.stream_max_age, duplicate_window_s=args.duplicate_window,
