@@ -59,7 +59,7 @@ async def ping(client: Redis, url: str) -> None:
     except AuthenticationError as exc:
         raise ConfigError(f"Redis at {redact_url(url)} rejected the credentials: check the user and password in REDIS_URL") from exc
     except (RedisError, OSError) as exc:
-        raise DependencyError(f"cannot connect to Redis at {redact_url(url)}: {exc}") from exc
+        raise DependencyError(f"cannot connect to Redis at {redact_url(url)}: {exc}; check that redis-server runs there or fix REDIS_URL") from exc
 
 
 class CacheStore:
