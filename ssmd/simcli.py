@@ -9,6 +9,7 @@ from sim.strategies import CORRECT, STRATEGIES
 from sim.world import Result, run_scenario
 
 SHOWN_FAILURES = 3
+SHOWN_SEEDS = 20
 TRACE_TAIL = 40
 
 
@@ -49,15 +50,22 @@ def run(args: argparse.Namespace) -> int:
     if failures:
         names = sorted({name for result in failures for name in result.invariants})
         print(f"violated invariants: {', '.join(names)}")
-        print(f"failing seeds: {' '.join(str(result.seed) for result in failures[:20])}")
+        listed = " ".join(str(result.seed) for result in failures[:SHOWN_SEEDS])
+        more = f" (first {SHOWN_SEEDS} of {len(failures)})" if len(failures) > SHOWN_SEEDS else ""
+        print(f"failing seeds{more}: {listed}")
+        if len(failures) > SHOWN_FAILURES:
+            print(f"traces shown for the first {SHOWN_FAILURES} failing seeds only")
         return 1
     return 0
 
 
 def _print_failure(result: Result, full_trace: bool) -> None:
     print(f"seed {result.seed} ({result.strategy}) violates: {', '.join(result.invariants)}")
-    for violation in result.violations[:5]:
-        print(f"  {violation}")
+    distinct = list(dict.fromkeys(str(violation) for violation in result.violations))
+    for line in distinct[:5]:
+        print(f"  {line}")
+    if len(distinct) > 5:
+        print(f"  ... and {len(distinct) - 5} more")
     if not full_trace:
         print(f"  last {TRACE_TAIL} of {len(result.trace)} trace lines:")
         for line in result.trace[-TRACE_TAIL:]:
