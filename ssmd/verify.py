@@ -111,7 +111,7 @@ def check_tables(dsn: str, table_names: list[str]) -> None:
 
 
 def fence_reached(meta: dict[str, str], fence: Lsn) -> bool:
-    """Return whether the cache holds everything committed before `fence`.
+    """Return whether the cache contains everything committed before `fence`.
 
     Either the cache applied the fence message itself, or it warmed from a snapshot whose
     consistent point lies past the fence: every transaction that committed before the fence
@@ -127,7 +127,7 @@ def fence_reached(meta: dict[str, str], fence: Lsn) -> bool:
 
 
 async def wait_for_fence(store: CacheStore, fence: Lsn, deadline: float) -> None:
-    """Wait until the cache holds everything committed before `fence`."""
+    """Wait until the cache contains everything committed before `fence`."""
     while True:
         meta = await store.read_meta()
         applied = meta.get("applied_lsn")

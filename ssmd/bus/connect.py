@@ -61,7 +61,7 @@ def nats_auth_from_args(args: argparse.Namespace) -> NatsAuth:
 def check_files(auth: NatsAuth) -> None:
     """Raise ConfigError for a credentials or TLS file that cannot be read.
 
-    nats-py reads a credentials file only when the server asks for a signature, so a wrong
+    nats-py reads a credentials file only when the server requests a signature, so a wrong
     path would otherwise go unnoticed until the server starts to require it.
     """
     named = (("NATS_CREDS", auth.credentials_file), ("NATS_TLS_CA", auth.tls_ca_file),
@@ -113,7 +113,7 @@ async def connect_nats(url: str, *, name: str, auth: NatsAuth = NatsAuth(), conn
         log.info("nats reconnected to %s", redact_url(url))
 
     # The first connection gets two attempts per server, so a wrong URL or password fails at
-    # start-up instead of retrying forever; after it succeeds, reconnects never give up.
+    # start-up instead of retrying forever. After it succeeds, reconnects never give up.
     options = dict(
         servers=servers, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
         max_reconnect_attempts=1, reconnect_time_wait=1, error_cb=on_error,
