@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: under a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, 15 to 30 minutes on two shared cores (default full)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: under a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, 6 to 25 minutes on two shared cores depending on their load (default full)")
     parser.add_argument("--markets", type=int, help="override the size's number of markets rows (warm table)")
     parser.add_argument("--transactions", type=int, help="override the size's number of single-row transactions and rows of the big transaction")
     parser.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write; an existing `## Analysis` section in it is kept (default BENCHMARKS.md)")
