@@ -26,6 +26,7 @@ from ssmd.core.confirm import AckTracker
 from ssmd.core.encoding import is_float_like
 from ssmd.core.envelope import Message, encode_change, encode_slot_created
 from ssmd.core.errors import InternalError
+from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
 from ssmd.core.tables import TableInfo
 from ssmd.core.wal2json import DecodedChange, Wal2JsonDecoder, columns_to_fill, fill_columns
@@ -82,10 +83,11 @@ class ChangePipeline:
         self._decoder = Wal2JsonDecoder(tables, only_known_tables=True)
         self._begin: Begin | None = None
         self._pending: list[_Pending] = []
+        self._commits: list[Lsn] = []  # commit LSNs of transactions whose C record arrived, not yet closed
 
     def reset(self) -> None:
         """Start a fresh decoder, for a new peek from the slot's confirmed position."""
-        if self._pending or self._begin is not None:
+        if self._pending or self._commits or self._begin is not None:
             raise InternalError("pipeline reset inside a transaction")
         self._decoder = Wal2JsonDecoder(self._tables.values(), only_known_tables=True)
 
@@ -120,13 +122,24 @@ class ChangePipeline:
         elif isinstance(record, LogicalMessage):
             await self._on_message(record)
         elif isinstance(record, Commit):
-            await self.flush()
-            self._tracker.close(record.commit_lsn)
-            self._metrics.transactions.inc()
+            # The transaction closes at the next flush, after its messages are published, so
+            # one flush serves every transaction of a read: one re-read per table and one
+            # burst of publishes instead of one of each per transaction.
+            self._commits.append(record.commit_lsn)
             self._begin = None
+            if len(self._commits) >= self._batch_size:
+                await self.flush()
 
     async def flush(self) -> None:
-        """Complete and publish every buffered change and mark, in order."""
+        """Complete and publish every buffered change and mark, in order, then close their transactions."""
+        await self._publish_pending()
+        commits, self._commits = self._commits, []
+        for commit_lsn in commits:
+            self._tracker.close(commit_lsn)
+        if commits:
+            self._metrics.transactions.inc(len(commits))
+
+    async def _publish_pending(self) -> None:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
