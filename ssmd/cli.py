@@ -58,8 +58,8 @@ _argv: list[str] = []
 
 
 def _chosen_commands() -> set[str]:
-    # The top-level parser has no options of its own, so the first word is the subcommand;
-    # only that module is imported, which keeps `ssmd sim` free of driver imports.
+    # The top-level parser has no options of its own, so the first word is the subcommand.
+    # Only that module is imported, which keeps `ssmd sim` free of driver imports.
     words = [word for word in _argv if not word.startswith("-")]
     return set(words[:1])
 

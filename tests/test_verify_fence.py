@@ -9,7 +9,7 @@ def test_fence_reached_by_applied_mark():
 
 
 def test_fence_reached_by_later_snapshot():
-    # The cache warmed after the fence was written: the snapshot holds every earlier commit.
+    # The cache warmed after the fence was written: the snapshot contains every earlier commit.
     assert fence_reached({"state": "ready", "snapshot_lsn": "0/6000"}, FENCE)
 
 

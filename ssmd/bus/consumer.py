@@ -37,7 +37,7 @@ class ConsumerSettings:
 
 @dataclass(frozen=True)
 class ConsumerPosition:
-    """Where the durable consumer stands: last delivered and acknowledged stream sequences."""
+    """Position of the durable consumer: last delivered and acknowledged stream sequences."""
 
     delivered_stream_seq: int
     ack_floor_stream_seq: int

@@ -37,7 +37,7 @@ class StreamLimits:
 
 @dataclass(frozen=True)
 class StreamState:
-    """What the cache and `ssmd status` need to know about the stream."""
+    """Stream state read by the cache and `ssmd status`: sequences and creation time."""
 
     name: str
     created: datetime | None

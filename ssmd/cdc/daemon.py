@@ -292,8 +292,8 @@ class CdcDaemon:
                 await status_task
 
     def _confirm(self, reader: ReplicationStream, tracker: AckTracker, wal_end: Lsn | None) -> None:
-        # A status update after every read cost one message per ~16 changes under load; a
-        # position a few milliseconds old confirms as safely, so updates are spaced out.
+        # A status update after every read cost one message per ~16 changes under load. A
+        # position a few milliseconds old is just as safe to confirm, so updates are spaced out.
         now = time.monotonic()
         if now - self._last_confirm_at < CONFIRM_MIN_INTERVAL_S:
             return

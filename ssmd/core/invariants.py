@@ -100,7 +100,7 @@ class ApplyLag:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """What a run recorded; every part may be left empty when it was not observed."""
+    """Observations of one run; any part may be left empty when it was not observed."""
 
     version_writes: Sequence[VersionWrite] = ()
     confirmations: Sequence[SlotConfirmation] = ()

@@ -130,8 +130,8 @@ def test_lost_pub_ack_is_retried_once_stored(env, tmp_path):
 
     assert len(_changes(env)) == 3
     _assert_one_copy_each(_changes(env))
-    # Two dropped PubAcks are two failed attempts: of two messages (two warnings), or of one
-    # message twice (a warning for its first retry only; later attempts log at DEBUG).
+    # Two dropped PubAcks are two failed attempts, either of two messages (two warnings) or of
+    # one message twice (one warning, because later attempts of a message log at DEBUG).
     assert 1 <= process.log_text().count("retrying with the same id") <= 2
 
 

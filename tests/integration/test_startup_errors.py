@@ -129,7 +129,8 @@ def test_flag_type_error_names_value(env, command):
     assert lines[0].startswith("usage: ssmd")
     errors = [line for line in lines if "error:" in line]
     assert errors == [lines[-1]]
-    assert "'soon'" in lines[-1] and "invalid float value" in lines[-1]
+    assert "'soon'" in lines[-1]
+    assert "invalid float value" in lines[-1]
 
 
 # --- database objects ---------------------------------------------------------------------------
