@@ -6,11 +6,16 @@ tests at the end check the percentile and target rules the table uses.
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
+from ssmd.bench.command import _phase_list
+from ssmd.bench.cpu import describe_cpu, tree_cpu_seconds
 from ssmd.bench.latency import percentile
 from ssmd.bench.report import Measurement
 
@@ -123,3 +128,24 @@ def test_target_met_by_kind():
     memory = Measurement("rss", "MiB", value=300.0, target=300.0, target_kind="below")
     assert memory.target_met() is False
     assert Measurement("failed", "ms", error="timed out", target=1.0, target_kind="max").target_met() is None
+
+
+def test_phase_list_names_the_unknown_phase():
+    assert _phase_list("publish, end-to-end") == ("publish", "end-to-end")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown phase warp.*choose from recvlogical"):
+        _phase_list("publish,warp")
+
+
+def test_cpu_of_a_process_tree_counts_its_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ninput()"], stdin=subprocess.PIPE)
+    try:
+        before = tree_cpu_seconds({"self": os.getpid()})
+        deadline = time.monotonic() + 10
+        while tree_cpu_seconds({"self": os.getpid()})["self"] - before["self"] < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = tree_cpu_seconds({"self": os.getpid()})
+    finally:
+        child.communicate(b"\n", timeout=10)
+    assert after["self"] - before["self"] >= 0.25
+    line = describe_cpu(before, after, changes=1000, wall_s=1.0)
+    assert line.startswith("CPU µs per change: self ")

@@ -21,12 +21,26 @@ from ssmd.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
+# Phases in run order, by their command-line name. Latency and peak RSS use the daemons that
+# the end-to-end phase started, so they need it.
+PHASE_METHODS = {
+    "recvlogical": "recvlogical",
+    "publish": "cdc_publish",
+    "jetstream": "jetstream",
+    "baseline": "baseline",
+    "end-to-end": "end_to_end",
+    "latency": "latency",
+    "rss": "peak_rss",
+}
+PHASES = tuple(PHASE_METHODS)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: under a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, 6 to 25 minutes on two shared cores depending on their load (default full)")
     parser.add_argument("--markets", type=int, help="override the size's number of markets rows (warm table)")
     parser.add_argument("--transactions", type=int, help="override the size's number of single-row transactions and rows of the big transaction")
     parser.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write; an existing `## Analysis` section in it is kept (default BENCHMARKS.md)")
+    parser.add_argument("--phases", type=_phase_list, default=PHASES, help=f"comma-separated phases to run after loading, warming and committing the load, for quicker trials: {','.join(PHASES)} (default all)")
     parser.add_argument("--profile", action="store_true", help="run the daemons under cProfile and add their top functions to the report; rates are then lower")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with server and daemon logs, and print its path")
     parser.add_argument("--log-level", default="INFO", help="log level of the benchmark itself: DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -55,13 +69,9 @@ def run(args: argparse.Namespace) -> int:
         bench.load_data()
         bench.warm()
         bench.generate_stream_load()
-        bench.recvlogical()
-        bench.cdc_publish()
-        bench.jetstream()
-        bench.baseline()
-        bench.end_to_end()
-        bench.latency()
-        bench.peak_rss()
+        for phase in PHASES:
+            if phase in args.phases:
+                getattr(bench, PHASE_METHODS[phase])()
         bench.compare_ceilings()
     finally:
         bench.stop_daemons()
@@ -83,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
     for measurement in failed:
         log.error("measurement failed: %s: %s", measurement.name, measurement.error)
     return 1 if failed else 0
+
+
+def _phase_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in PHASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown phase {','.join(unknown) or repr(text)}: choose from {','.join(PHASES)}")
+    return names
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -22,6 +22,7 @@ import nats
 import redis
 
 from ssmd.bench import baseline, ceilings, workload
+from ssmd.bench.cpu import describe_cpu, tree_cpu_seconds
 from ssmd.bench.latency import summarize
 from ssmd.bench.report import Measurement, Report
 from ssmd.bench.stack import BenchStack, Daemon, wait_until
@@ -213,9 +214,10 @@ class BenchRun:
         try:
             started = time.perf_counter()
             daemon.start()
-            rate, first_at, elapsed = self._time_stream_fill(self.stack.nats_publish.url, PUBLISH_STREAM, daemon)
+            pids = {"cdc": daemon.pid, "postgres": self.stack.postgres.pid, "nats-server": self.stack.nats_publish.pid}
+            rate, first_at, elapsed, cpu = self._time_stream_fill(self.stack.nats_publish.url, PUBLISH_STREAM, daemon, pids)
             row.value = rate
-            row.detail = f"{self.size.stream_transactions:,} changes in {elapsed:.2f} s after the first reached the stream; start-up to first message {first_at - started:.1f} s"
+            row.detail = f"{self.size.stream_transactions:,} changes in {elapsed:.2f} s after the first reached the stream; start-up to first message {first_at - started:.1f} s; {cpu}"
         except Exception as exc:
             row.error = _short(exc)
             log.exception("cdc publish phase failed")
@@ -270,10 +272,13 @@ class BenchRun:
             self.cdc_e2e.start()
             daemons = (self.cdc_e2e, self.cache)
             first_at = asyncio.run(self._wait_stream_messages(self.stack.nats_e2e.url, E2E_STREAM, 1, daemons))
+            pids = {"cdc": self.cdc_e2e.pid, "cache": self.cache.pid, "postgres": self.stack.postgres.pid, "nats-server": self.stack.nats_e2e.pid, "redis-server": self.stack.redis.pid}
+            cpu_before = tree_cpu_seconds(pids)
             wait_until(lambda: last_title in (self.redis.get(last_key) or b""), self.size.phase_timeout_s, "the last change in Redis", interval=POLL_S, daemons=daemons)
             done_at = time.perf_counter()
+            cpu = describe_cpu(cpu_before, tree_cpu_seconds(pids), count, done_at - first_at)
             row.value = count / (done_at - first_at)
-            row.detail = f"{count:,} changes in {done_at - first_at:.2f} s from the first in the stream to the last in Redis; start-up to first message {first_at - started:.1f} s"
+            row.detail = f"{count:,} changes in {done_at - first_at:.2f} s from the first in the stream to the last in Redis; start-up to first message {first_at - started:.1f} s; {cpu}"
         except Exception as exc:
             row.error = _short(exc)
             log.exception("end-to-end phase failed")
@@ -421,13 +426,16 @@ class BenchRun:
             raise RuntimeError("no rows found in the cache to sample values from: the warm wrote none")
         return values
 
-    def _time_stream_fill(self, nats_url: str, stream: str, daemon: Daemon) -> tuple[float, float, float]:
+    def _time_stream_fill(self, nats_url: str, stream: str, daemon: Daemon, pids: dict[str, int]) -> tuple[float, float, float, str]:
+        """Return the rate, the time of the first message, the fill time and its CPU split."""
         count = self.size.stream_transactions
 
-        async def measure() -> tuple[float, float, float]:
+        async def measure() -> tuple[float, float, float, str]:
             first_at = await self._wait_stream_messages(nats_url, stream, 1, (daemon,))
+            cpu_before = tree_cpu_seconds(pids)
             done_at = await self._wait_stream_messages(nats_url, stream, count, (daemon,))
-            return count / (done_at - first_at), first_at, done_at - first_at
+            cpu = describe_cpu(cpu_before, tree_cpu_seconds(pids), count, done_at - first_at)
+            return count / (done_at - first_at), first_at, done_at - first_at, cpu
 
         return asyncio.run(measure())
 

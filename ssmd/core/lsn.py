@@ -7,12 +7,15 @@ comparison goes through the integer value.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import total_ordering
 
 from ssmd.core.errors import DecodeError
 
 MAX_LSN_VALUE = (1 << 64) - 1
+# ASCII only: `str.isdigit` and `\d` would accept other scripts' digits.
+_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 
 
 @total_ordering
@@ -31,10 +34,10 @@ class Lsn:
     @classmethod
     def parse(cls, text: str) -> Lsn:
         """Parse `X/Y` text, padded or not (`2/03F42B70` equals `2/3F42B70`)."""
-        high, sep, low = text.strip().partition("/")
-        if not sep or not _is_hex32(high) or not _is_hex32(low):
+        match = _LSN_TEXT.fullmatch(text.strip()) if isinstance(text, str) else None
+        if match is None:
             raise DecodeError(f"invalid LSN {text!r}: expected two hexadecimal halves like '16/B374D848'")
-        return cls((int(high, 16) << 32) | int(low, 16))
+        return cls((int(match[1], 16) << 32) | int(match[2], 16))
 
     def __str__(self) -> str:
         return f"{self.value >> 32:X}/{self.value & 0xFFFFFFFF:X}"
@@ -56,9 +59,3 @@ class Lsn:
 
 
 ZERO_LSN = Lsn(0)
-
-
-def _is_hex32(part: str) -> bool:
-    if not 1 <= len(part) <= 8:
-        return False
-    return all(char in "0123456789abcdefABCDEF" for char in part)

@@ -149,7 +149,7 @@ class ReplicationStream:
     stops reading; `confirm(..., force=True)` from a periodic task does that.
     """
 
-    def __init__(self, dsn: str, slot: str, tables: list[TableInfo], *, application_name: str = "ssmd-cdc") -> None:
+    def __init__(self, dsn: str, slot: str, tables: list[TableInfo], *, application_name: str = "ssmd-cdc", max_read_bytes: int = 1 << 20) -> None:
         self._dsn = dsn
         self._slot = validate_slot_name(slot)
         self._tables = tables
@@ -157,6 +157,7 @@ class ReplicationStream:
         self._conn: psycopg.Connection | None = None
         self._confirmed: Lsn | None = None
         self._reply_requested = False
+        self.max_read_bytes = max_read_bytes
 
     @property
     def confirmed(self) -> Lsn | None:
@@ -194,6 +195,12 @@ class ReplicationStream:
             await self._wait_readable(pgconn.socket, timeout)
             self._consume(pgconn)
             self._drain(pgconn, batch)
+        # One socket read holds about 16 KiB, a few small transactions. Reading on while more
+        # is already there lets one flush (re-reads, publish burst) serve a whole backlog slice.
+        while batch.bytes < self.max_read_bytes and self._readable_now(pgconn.socket):
+            self._consume(pgconn)
+            if not self._drain(pgconn, batch):
+                break
         if self._reply_requested:
             self._reply_requested = False
             self._send(standby_status(self._confirmed or Lsn(0)))
@@ -259,6 +266,11 @@ class ReplicationStream:
                 self._reply_requested = self._reply_requested or bool(reply)
             else:
                 log.warning("ignored unknown replication message kind=%r slot=%s", kind, self._slot)
+
+    @staticmethod
+    def _readable_now(fd: int) -> bool:
+        readable, _, _ = select.select([fd], [], [], 0)
+        return bool(readable)
 
     def _consume(self, pgconn) -> None:
         try:

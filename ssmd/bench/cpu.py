@@ -1,0 +1,57 @@
+"""CPU time of process trees from /proc, to show where a phase's CPU went.
+
+On two shared cores the end-to-end rate is bounded by the CPU that all five processes (both
+daemons, PostgreSQL's walsender, nats-server, redis-server) need per change, so the benchmark
+reports that split beside the rate.
+"""
+
+from __future__ import annotations
+
+import os
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name in parentheses may contain spaces, so the split starts after it.
+    return text[text.rfind(")") + 2:].split()
+
+
+def _children(parent_of: dict[int, int], pid: int) -> list[int]:
+    found = [pid]
+    index = 0
+    while index < len(found):
+        current = found[index]
+        found += [child for child, parent in parent_of.items() if parent == current]
+        index += 1
+    return found
+
+
+def tree_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """Return user + system CPU seconds per name, summed over each pid and its live descendants."""
+    parent_of: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None:
+            continue
+        # Index 0 is the state, so ppid is 1, utime 11 and stime 12 (fields 4, 14 and 15 in proc(5)).
+        parent_of[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    return {name: sum(ticks.get(member, 0) for member in _children(parent_of, pid)) / _TICKS_PER_S for name, pid in pids.items() if pid}
+
+
+def describe_cpu(before: dict[str, float], after: dict[str, float], changes: int, wall_s: float) -> str:
+    """Return `name N µs` per change for each process tree, and how many CPUs were busy on average."""
+    used = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in before}
+    total = sum(used.values())
+    parts = ", ".join(f"{name} {seconds / changes * 1e6:.0f}" for name, seconds in used.items())
+    cpus = os.cpu_count() or 1
+    return f"CPU µs per change: {parts}; total {total / changes * 1e6:.0f} µs, {total / wall_s:.2f} of {cpus} CPUs busy"
