@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass
 
+import orjson
+
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy
 from nats.js.errors import APIError, NotFoundError
 
 from ssmd.core.errors import DependencyError
+from ssmd.logs import fields
 
 log = logging.getLogger(__name__)
 
@@ -82,34 +86,146 @@ async def read_consumer_position(js: JetStreamContext, settings: ConsumerSetting
 
 
 class PullConsumer:
-    """Fetches batches from the durable consumer."""
+    """Fetches batches from the durable consumer with its own pull requests.
 
-    def __init__(self, js: JetStreamContext, settings: ConsumerSettings) -> None:
-        self._js = js
+    nats-py's `fetch` waits for each message through a new task with a timeout, which cost more
+    than applying the message. Here one subscription callback collects the messages of every
+    request in a buffer. A fetch first requests what the consumer has now (`no_wait`), and only
+    when that is nothing holds a request open on the server.
+
+    Messages that were delivered but not yet handed out are negatively acknowledged at `close`,
+    so the next consumer gets them at once instead of after `ack_wait`.
+    """
+
+    def __init__(self, js: JetStreamContext, settings: ConsumerSettings, *, api_prefix: str = "$JS.API") -> None:
+        self._nc = js._nc  # nats-py exposes the connection of a JetStream context only this way
         self._settings = settings
-        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{settings.stream}.{settings.durable}"
+        self._subscription = None
+        self._prefix = ""
+        self._buffer: deque[Msg] = deque()
+        self._changed = asyncio.Event()
+        self._last_request = 0
+        self._open: _Request | None = None
+        self._error: DependencyError | None = None
 
     async def open(self) -> None:
-        try:
-            self._subscription = await self._js.pull_subscribe_bind(durable=self._settings.durable, stream=self._settings.stream)
-        except APIError as exc:
-            raise DependencyError(f"binding to consumer {self._settings.durable} failed: {exc}") from exc
+        inbox = self._nc.new_inbox()
+        self._prefix = inbox + "."
+        self._subscription = await self._nc.subscribe(inbox + ".*", cb=self._on_message)
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Return up to `batch` messages, or an empty list when none arrived within `timeout`."""
         if self._subscription is None:
             await self.open()
-        try:
-            return await self._subscription.fetch(batch, timeout=timeout)
-        except (NatsTimeoutError, asyncio.TimeoutError):
-            return []
-        except APIError as exc:
-            raise DependencyError(f"fetch from consumer {self._settings.durable} failed: {exc}") from exc
+        self._raise_error()
+        if not self._buffer and self._open is None:
+            await self._request(batch, wait_s=None)
+        if self._open is not None and self._open.no_wait:
+            await self._wait(lambda: self._open is None or len(self._buffer) >= batch, timeout)
+        if not self._buffer:
+            if self._open is None:
+                # Nothing is there: hold a request on the server until one message arrives. A
+                # larger one would go on delivering while that message is applied, and those
+                # messages' ack_wait would run out in the buffer if applying stalls.
+                await self._request(1, wait_s=timeout)
+            await self._wait(lambda: self._buffer or self._open is None, timeout + _EXPIRY_MARGIN_S)
+        self._raise_error()
+        return [self._buffer.popleft() for _ in range(min(batch, len(self._buffer)))]
 
     async def close(self) -> None:
-        if self._subscription is not None:
+        """Wait briefly for the open request, hand back undelivered messages, and unsubscribe."""
+        if self._subscription is None:
+            return
+        if self._open is not None and self._error is None:
+            await self._wait(lambda: self._open is None, min(self._open.remaining_s(), _CLOSE_WAIT_S))
+        for msg in self._buffer:
             try:
-                await self._subscription.unsubscribe()
-            except Exception as exc:  # the connection may already be gone; nothing to keep
-                log.debug("unsubscribe failed: %s", exc)
-            self._subscription = None
+                await msg.nak()
+            except Exception as exc:  # the connection may be gone; the server redelivers after ack_wait
+                log.debug("nak of a buffered message failed: %s", exc)
+                break
+        self._buffer.clear()
+        try:
+            await self._subscription.unsubscribe()
+        except Exception as exc:  # the connection may already be gone; nothing to keep
+            log.debug("unsubscribe failed: %s", exc)
+        self._subscription = None
+        self._open = None
+
+    async def _request(self, batch: int, wait_s: float | None) -> None:
+        """Send a pull request: without `wait_s` the server replies at once with the messages it has."""
+        self._last_request += 1
+        token = str(self._last_request)
+        body: dict[str, object] = {"batch": batch}
+        if wait_s is None:
+            body["no_wait"] = True
+            expires_at = time.monotonic() + _NO_WAIT_EXPIRY_S
+        else:
+            body["expires"] = int(wait_s * 1_000_000_000)
+            expires_at = time.monotonic() + wait_s
+        self._open = _Request(token, batch, expires_at, no_wait=wait_s is None)
+        await self._nc.publish(self._next_subject, orjson.dumps(body), reply=self._prefix + token)
+
+    async def _wait(self, condition, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition() and self._error is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if self._open is not None and self._open.remaining_s() <= 0:
+                    self._open = None  # its end status was lost, so the next fetch sends a new request
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = msg.headers.get(_STATUS_HEADER) if msg.headers else None
+        request = self._open
+        if status is None:
+            # A stream message keeps its own subject, so it counts toward the one open request.
+            self._buffer.append(msg)
+            if request is not None:
+                request.delivered += 1
+                if request.delivered >= request.batch:
+                    self._open = None
+        elif status in _REQUEST_DONE:
+            # A status goes to the request's reply subject: one for an older request changes nothing.
+            if request is not None and msg.subject == self._prefix + request.token:
+                self._open = None
+        elif status != _HEARTBEAT:
+            description = msg.headers.get(_DESCRIPTION_HEADER, "")
+            self._error = DependencyError(f"fetch from consumer {self._settings.durable} on stream {self._settings.stream} failed: status {status} {description}".rstrip())
+            log.error("pull request failed %s", fields(consumer=self._settings.durable, stream=self._settings.stream, status=status, description=description))
+            self._open = None
+        self._changed.set()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+@dataclass(slots=True)
+class _Request:
+    """The one pull request this consumer has open at a time."""
+
+    token: str
+    batch: int
+    expires_at: float
+    no_wait: bool
+    delivered: int = 0
+
+    def remaining_s(self) -> float:
+        return max(0.0, self.expires_at - time.monotonic())
+
+
+_STATUS_HEADER = "Status"
+_DESCRIPTION_HEADER = "Description"
+_HEARTBEAT = "100"
+_REQUEST_DONE = ("404", "408")  # no messages, request expired
+_NO_WAIT_EXPIRY_S = 5.0  # a no-wait request ends at once; this only bounds a lost end status
+_EXPIRY_MARGIN_S = 0.5
+_CLOSE_WAIT_S = 2.0

@@ -81,10 +81,15 @@ async def test_redelivered_older_change_is_stale(stream_stack):
             await asyncio.sleep(3)  # past ack_wait (2 s): JetStream redelivers e1
             raise RuntimeError("handler stalled")
 
+    # Both changes wait in the stream before the consumer resumes, so one batch holds both:
+    # e2 is applied while e1 stalls, and e1's redelivery comes after it.
+    _, stop, task = await run_daemon(config, CacheHooks())
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    await publish(js, e1)
+    await publish(js, e2)
     daemon, stop, task = await run_daemon(config, CacheHooks(before_apply=stall_on_e1))
     try:
-        await publish(js, e1)
-        await publish(js, e2)
         await wait_until_async(lambda: deliveries[str(e1.position.commit_lsn)] >= 2, 20, "e1 redelivered")
         await wait_until_async(lambda: sample(daemon, "ssmd_cache_changes_stale_total") >= 1, 10, "e1 found stale")
 
