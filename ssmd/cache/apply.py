@@ -31,7 +31,7 @@ from ssmd.core.jsontext import dumps, loads
 from ssmd.core.keys import CacheAction, KeyDelete, KeySpace, KeyWrite, NamespaceTruncate, cache_actions
 from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
-from ssmd.core.tables import TableInfo
+from ssmd.core.tables import TableInfo, column_name_set
 from ssmd.core.versioning import in_snapshot, merge_unchanged, needs_rewarm_for_slot, raise_floor
 from ssmd.logs import fields
 from ssmd.store.cache_store import CacheStore
@@ -277,13 +277,13 @@ class Applier:
 
 def check_columns(change: Change, table: TableInfo) -> None:
     """Raise PoisonMessage when a change names columns or a key the table does not have."""
-    known = set(table.column_names())
+    known = column_name_set(table)
     if change.op is Op.TRUNCATE:
         return
     if set(change.key) != set(table.key_columns):
         raise PoisonMessage(f"key columns {list(change.key)} of {table.qualified_name} differ from its key {list(table.key_columns)}")
     if change.data is not None:
-        unknown = set(change.data) - known
+        unknown = change.data.keys() - known
         if unknown:
             raise PoisonMessage(f"unknown columns {sorted(unknown)} for {table.qualified_name}")
         if not isinstance(change.data, dict):
@@ -301,6 +301,8 @@ def in_key_order(change: Change, table: TableInfo) -> Change:
 
     if change.op is Op.TRUNCATE:
         return change
+    if tuple(change.key) == table.key_columns and change.old_key is None:
+        return change  # a one-column key, or columns already in key order
     return replace(change, key=ordered(change.key), old_key=ordered(change.old_key))
 
 

@@ -14,6 +14,7 @@ its slot at a consistent point, so changes before it may never reach the stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NoReturn
 
 from ssmd.core.changes import Change, Op, Row
@@ -47,6 +48,7 @@ class SlotCreated:
     consistent_point: Lsn
 
 
+@lru_cache(maxsize=4096)
 def subject_table(schema: str, table: str) -> str:
     """Return the table token of a subject; raise DecodeError when a NATS subject cannot carry it."""
     token = table if schema == "public" else f"{schema}_{table}"
@@ -123,15 +125,16 @@ def decode_change(subject: str, body: bytes) -> Change:
     reader = _FieldReader(subject, fields)
 
     lsn = reader.lsn("lsn")
-    table = f"{reader.text('schema')}.{reader.text('table')}"
+    schema_name, table_name = reader.text("schema"), reader.text("table")
+    table = f"{schema_name}.{table_name}"
     try:
         op = Op(reader.text("op"))
     except ValueError:
         raise DecodeError(f"invalid field 'op' on subject {subject}: {fields.get('op')!r}", lsn=str(lsn), table=table) from None
     change = Change(
         op=op,
-        schema=reader.text("schema"),
-        table=reader.text("table"),
+        schema=schema_name,
+        table=table_name,
         position=Position(lsn, reader.integer("seq", MAX_INDEX)),
         xid=reader.integer("xid", (1 << 64) - 1),
         key=reader.row("key"),

@@ -40,10 +40,17 @@ def dumps(value: JsonValue) -> bytes:
     return orjson.dumps(value, default=_serialise_number, option=_DUMP_OPTIONS)
 
 
-def loads(text: bytes | str) -> Any:
-    """Parse JSON keeping every number as `JsonNumber`."""
-    return json.loads(text, parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant)
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}: JSON has no NaN or Infinity literals")
+
+
+# `json.loads` with hooks builds a new decoder and scanner on every call.
+_DECODER = json.JSONDecoder(parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant)
+
+
+def loads(text: bytes | str) -> Any:
+    """Parse JSON keeping every number as `JsonNumber`; bytes must be UTF-8."""
+    if not isinstance(text, str):
+        # UnicodeDecodeError is a ValueError, like the parser's own errors.
+        text = bytes(text).decode()
+    return _DECODER.decode(text)

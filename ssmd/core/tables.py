@@ -40,3 +40,17 @@ class TableInfo:
             if candidate.name == column:
                 return candidate.type_name
         raise KeyError(column)
+
+
+_COLUMN_SETS: dict[int, tuple[TableInfo, frozenset[str]]] = {}
+
+
+def column_name_set(info: TableInfo) -> frozenset[str]:
+    """Return the column names of a table, remembered by identity (TableInfo hashes slowly)."""
+    entry = _COLUMN_SETS.get(id(info))
+    if entry is None or entry[0] is not info:
+        if len(_COLUMN_SETS) >= 4096:
+            _COLUMN_SETS.clear()
+        entry = (info, frozenset(column.name for column in info.columns))
+        _COLUMN_SETS[id(info)] = entry
+    return entry[1]

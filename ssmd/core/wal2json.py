@@ -44,7 +44,7 @@ from ssmd.core.errors import DecodeError
 from ssmd.core.jsontext import JsonNumber, loads
 from ssmd.core.lsn import Lsn
 from ssmd.core.position import Position
-from ssmd.core.tables import TableInfo
+from ssmd.core.tables import TableInfo, column_name_set
 
 # Options for START_REPLICATION or pg_logical_slot_get_changes; add-tables is added per deployment.
 WAL2JSON_OPTIONS: dict[str, str] = {
@@ -101,6 +101,7 @@ class Wal2JsonDecoder:
         self._tables = {(table.schema, table.name): table for table in tables}
         self._only_known = only_known_tables
         self._begin: Begin | None = None
+        self._begin_text: tuple[str, str] = ("", "")  # the B row's lsn and nextlsn as sent
         self._next_index = 0
         self._row: bytes | str = b""  # the row being decoded, for an exact re-parse
 
@@ -143,17 +144,23 @@ class Wal2JsonDecoder:
             commit_time=_optional_text(message, "timestamp"),
         )
         self._begin = begin
+        self._begin_text = (message["lsn"], message["nextlsn"])
         self._next_index = 0
         return begin
 
     def _on_commit(self, message: dict[str, Any]) -> Commit:
+        begin = self._begin
+        if begin is not None and message.get("lsn") == self._begin_text[0] and message.get("nextlsn") == self._begin_text[1]:
+            # The C row repeats the B row's positions, so they are not parsed twice.
+            commit_lsn, next_lsn = begin.commit_lsn, begin.next_lsn
+        else:
+            commit_lsn, next_lsn = _required_lsn(message, "lsn"), _required_lsn(message, "nextlsn")
         commit = Commit(
             xid=_required_int(message, "xid"),
-            commit_lsn=_required_lsn(message, "lsn"),
-            next_lsn=_required_lsn(message, "nextlsn"),
+            commit_lsn=commit_lsn,
+            next_lsn=next_lsn,
             commit_time=_optional_text(message, "timestamp"),
         )
-        begin = self._begin
         if begin is None:
             raise DecodeError(f"C row of transaction {commit.xid} without a B row", lsn=str(commit.commit_lsn))
         if (begin.xid, begin.commit_lsn) != (commit.xid, commit.commit_lsn):
@@ -232,26 +239,12 @@ def _decode_change(message: dict[str, Any], op: Op, position: Position, begin: B
         if _key_changed(previous, key):
             old_key = previous
     unchanged: tuple[str, ...] = ()
-    if info is not None and op is Op.UPDATE and not new_row.keys() >= _column_names(info):
+    if info is not None and op is Op.UPDATE and not new_row.keys() >= column_name_set(info):
         unchanged = tuple(column.name for column in info.columns if column.name not in new_row)
         for column in info.columns:
             types.setdefault(column.name, column.type_name)
     change = Change(op, schema, table, position, begin.xid, key, old_key, new_row, unchanged, begin.commit_time, change_lsn)
     return DecodedChange(change, old_row, types)
-
-
-_COLUMN_NAMES: dict[int, tuple[TableInfo, frozenset[str]]] = {}
-
-
-def _column_names(info: TableInfo) -> frozenset[str]:
-    """Return the column names of a table, remembered by identity (TableInfo hashes slowly)."""
-    entry = _COLUMN_NAMES.get(id(info))
-    if entry is None or entry[0] is not info:
-        if len(_COLUMN_NAMES) >= 4096:
-            _COLUMN_NAMES.clear()
-        entry = (info, frozenset(column.name for column in info.columns))
-        _COLUMN_NAMES[id(info)] = entry
-    return entry[1]
 
 
 def _change_lsn(message: dict[str, Any]) -> Lsn | None:
