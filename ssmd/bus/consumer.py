@@ -85,6 +85,22 @@ async def read_consumer_position(js: JetStreamContext, settings: ConsumerSetting
     return ConsumerPosition(info.delivered.stream_seq or 0, info.ack_floor.stream_seq or 0, info.num_pending or 0)
 
 
+def delivery_of(msg: Msg) -> tuple[int, int]:
+    """Return (stream sequence, delivery count) from a JetStream message's ack subject.
+
+    nats-py's `msg.metadata` builds a dataclass tree and a datetime per message. The ack subject
+    is `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+    or the same with domain and account hash after `ACK` and a random token at the end.
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[4].isdigit() and tokens[5].isdigit():
+        return int(tokens[5]), int(tokens[4])
+    if len(tokens) >= 12 and tokens[6].isdigit() and tokens[7].isdigit():
+        return int(tokens[7]), int(tokens[6])
+    metadata = msg.metadata  # raises nats-py's error for a subject that is not an ack subject
+    return metadata.sequence.stream, metadata.num_delivered
+
+
 class PullConsumer:
     """Fetches batches from the durable consumer with its own pull requests.
 

@@ -38,7 +38,6 @@ from ssmd.observe import CdcMetrics
 
 log = logging.getLogger(__name__)
 
-EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"  # JetStream rejects the message if another stream would store it
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS = "503"  # the server's reply status when no stream listens on the subject
 _REPORT_EVERY = 256  # PubAcks counted locally before the Prometheus counters are updated
@@ -55,6 +54,10 @@ _RETRYABLE = (
     nats.js.errors.ServiceUnavailableError,
     nats.js.errors.TooManyStalledMsgsError,
 )
+
+
+class WrongStreamError(DependencyError):
+    """A stream other than the configured one acknowledged a message."""
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ class Publisher:
         try:
             await self._nc.publish(
                 message.subject, message.body, reply=self._reply_prefix + token,
-                headers={MSG_ID_HEADER: message.msg_id, EXPECTED_STREAM_HEADER: self._stream},
+                headers={MSG_ID_HEADER: message.msg_id},
             )
         except _RETRYABLE as exc:
             del self._waiting[token]
@@ -212,7 +215,7 @@ class Publisher:
         attempt = self._waiting.pop(msg.subject[len(self._reply_prefix):], None)
         if attempt is None or self._closed:
             return
-        error, duplicate = _read_reply(msg)
+        error, duplicate = _read_reply(msg, self._stream)
         if error is None and self._drop_acks > 0:
             self._drop_acks -= 1
             error = TimeoutError("PubAck dropped by the test-only fault hook SSMD_FAULT_DROP_ACKS")
@@ -303,8 +306,13 @@ class Publisher:
             raise self.failure
 
 
-def _read_reply(msg: Msg) -> tuple[BaseException | None, bool]:
-    """Return the error a JetStream reply reports (None for a PubAck) and whether it is a duplicate."""
+def _read_reply(msg: Msg, stream: str) -> tuple[BaseException | None, bool]:
+    """Return the error a JetStream reply reports (None for a PubAck) and whether it is a duplicate.
+
+    A PubAck from another stream than `stream` is an error: that stream took over the subjects.
+    Checking the PubAck costs less than a `Nats-Expected-Stream` header on every message, which
+    the server checks and stores with it, and every consumer parses again.
+    """
     if msg.headers and msg.headers.get(_STATUS_HEADER) == _NO_RESPONDERS:
         return nats.js.errors.NoStreamResponseError(), False
     try:
@@ -320,6 +328,8 @@ def _read_reply(msg: Msg) -> tuple[BaseException | None, bool]:
             return exc, False
         except (KeyError, TypeError):
             return DependencyError(f"invalid JetStream error reply {msg.data[:200]!r}"), False
+    if reply.get("stream") != stream:
+        return WrongStreamError(f"stream {reply.get('stream')!r} stored the message instead of stream {stream!r}: that stream now takes the cdc subjects, so delete it or set NATS_STREAM to it"), False
     return None, reply.get("duplicate") is True
 
 
@@ -329,6 +339,8 @@ def _permanent_error(exc: BaseException, message: Message, stream: str) -> SsmdE
             f"message {message.msg_id} on {message.subject} is {len(message.body)} bytes, over the NATS server's max_payload: "
             f"raise max_payload in the nats-server configuration"
         )
+    if isinstance(exc, WrongStreamError):
+        return DependencyError(f"publishing message {message.msg_id} on {message.subject} failed: {exc}")
     if isinstance(exc, nats.js.errors.APIError):
         return DependencyError(f"JetStream rejected message {message.msg_id} on {message.subject} for stream {stream}: {exc}")
     return DependencyError(f"publishing message {message.msg_id} on {message.subject} failed: {type(exc).__name__}: {exc}")

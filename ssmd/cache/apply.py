@@ -22,6 +22,7 @@ from datetime import datetime
 
 from nats.aio.msg import Msg
 
+from ssmd.bus.consumer import delivery_of
 from ssmd.cache.continuity import SequenceTracker
 from ssmd.cache.metrics import CacheMetrics
 from ssmd.core.changes import Change, Op
@@ -73,6 +74,7 @@ class _Pending:
 
     msg: Msg
     stream_seq: int
+    delivered: int
     lsn: Lsn | None = None
     failed: Exception | None = None
     poison: Exception | None = None
@@ -103,10 +105,10 @@ class Applier:
 
     async def apply_batch(self, msgs: list[Msg]) -> None:
         """Apply and acknowledge `msgs`; raise RewarmNeeded when the stream shows a gap."""
-        pending = [_Pending(msg, msg.metadata.sequence.stream) for msg in msgs]
+        pending = [_Pending(msg, *delivery_of(msg)) for msg in msgs]
         rewarm: str | None = None
         for item in pending:
-            delivered = item.msg.metadata.num_delivered
+            delivered = item.delivered
             if delivered > 1:
                 self.metrics.redelivered.inc()
             gap = self.tracker.first_delivery_gap(item.stream_seq, delivered)
@@ -201,16 +203,27 @@ class Applier:
     async def _flush(self) -> None:
         calls, self._calls, self._owners = self._calls, [], []
         results = await self.store.scripts.run(calls)
+        # One counter update per outcome and batch: each update takes a lock.
+        applied = tombstones = stale = 0
         for call, result in zip(calls, results):
-            self._count(call.script, result)
+            if result == APPLIED:
+                applied += 1
+                tombstones += call.script is Script.APPLY_DELETE
+            elif result in (STALE, BELOW_FLOOR):
+                stale += 1
+        self._add_counts(applied, tombstones, stale)
 
     def _count(self, script: Script, result: int) -> None:
-        if result == APPLIED:
-            self.metrics.applied.inc()
-            if script is Script.APPLY_DELETE:
-                self.metrics.tombstones.inc()
-        elif result in (STALE, BELOW_FLOOR):
-            self.metrics.stale.inc()
+        applied = result == APPLIED
+        self._add_counts(int(applied), int(applied and script is Script.APPLY_DELETE), int(result in (STALE, BELOW_FLOOR)))
+
+    def _add_counts(self, applied: int, tombstones: int, stale: int) -> None:
+        if applied:
+            self.metrics.applied.inc(applied)
+        if tombstones:
+            self.metrics.tombstones.inc(tombstones)
+        if stale:
+            self.metrics.stale.inc(stale)
 
     async def _merge(self, action: KeyWrite) -> None:
         # Read the cached row and its version, fill the unchanged columns, and write only if
@@ -252,7 +265,7 @@ class Applier:
 
     async def _retry_or_terminate(self, item: _Pending) -> None:
         msg, seq = item.msg, item.stream_seq
-        delivered = msg.metadata.num_delivered
+        delivered = item.delivered
         if delivered >= self.max_deliver:
             self.metrics.terminated.inc()
             log.error("terminated message after %d deliveries %s", delivered, fields(subject=msg.subject, stream_seq=seq, error=item.failed))

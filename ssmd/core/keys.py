@@ -27,11 +27,12 @@ _ESCAPES = {"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"}
 _UNESCAPES = {code: char for char, code in _ESCAPES.items()}
 
 
+_ESCAPE_TABLE = str.maketrans(_ESCAPES)
+
+
 def escape_part(text: str) -> str:
     """Escape `%`, `:`, `{` and `}` in one key part."""
-    if not any(char in _ESCAPES for char in text):
-        return text
-    return "".join(_ESCAPES.get(char, char) for char in text)
+    return text.translate(_ESCAPE_TABLE)
 
 
 def unescape_part(text: str) -> str:

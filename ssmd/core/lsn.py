@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import total_ordering
 
 from ssmd.core.errors import DecodeError
 
@@ -18,7 +17,6 @@ MAX_LSN_VALUE = (1 << 64) - 1
 _LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 
 
-@total_ordering
 @dataclass(frozen=True, slots=True)
 class Lsn:
     """A WAL position; ordered as an unsigned 64-bit integer."""
@@ -45,10 +43,27 @@ class Lsn:
     def __repr__(self) -> str:
         return f"Lsn('{self}')"
 
+    # Written out rather than derived by functools.total_ordering, whose derived methods cost
+    # two Python calls per comparison, and positions are compared several times per change.
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Lsn):
             return NotImplemented
         return self.value < other.value
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Lsn):
+            return NotImplemented
+        return self.value <= other.value
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Lsn):
+            return NotImplemented
+        return self.value > other.value
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Lsn):
+            return NotImplemented
+        return self.value >= other.value
 
     def __int__(self) -> int:
         return self.value

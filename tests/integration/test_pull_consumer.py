@@ -7,8 +7,9 @@ import time
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
-from ssmd.bus.consumer import ConsumerSettings, PullConsumer, recreate_consumer
+from ssmd.bus.consumer import ConsumerSettings, PullConsumer, delivery_of, recreate_consumer
 from ssmd.bus.stream import StreamLimits, ensure_stream
 from ssmd.core.errors import DependencyError
 
@@ -98,6 +99,7 @@ async def test_close_hands_back_buffered_messages(stream):
         await again.close()
     assert numbers(msgs) == [0, 1, 2]
     assert [msg.metadata.num_delivered for msg in msgs] == [2, 2, 2]
+    assert [delivery_of(msg) for msg in msgs] == [(1, 2), (2, 2), (3, 2)]
 
 
 async def test_deleted_consumer_fails_the_waiting_fetch(stream):
@@ -111,3 +113,13 @@ async def test_deleted_consumer_fails_the_waiting_fetch(stream):
             await fetch
     finally:
         await consumer.close()
+
+
+@pytest.mark.parametrize("reply", [
+    "$JS.ACK.SECMASTER_CDC.ssmd-cache.3.1042.977.1796423719959890597.12",
+    "$JS.ACK.hub.ACCOUNTHASH.SECMASTER_CDC.ssmd-cache.3.1042.977.1796423719959890597.12.token",
+])
+def test_delivery_of_matches_nats_py_metadata(reply):
+    msg = Msg(_client=None, subject="cdc.markets.update", reply=reply, data=b"{}")
+    assert delivery_of(msg) == (msg.metadata.sequence.stream, msg.metadata.num_delivered)
+    assert delivery_of(msg) == (1042, 3)
