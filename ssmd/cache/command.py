@@ -10,6 +10,7 @@ from ssmd import config
 from ssmd.bus.connect import add_nats_auth_arguments, nats_auth_from_args
 from ssmd.cache.daemon import CacheDaemon, CacheSettings
 from ssmd.core.errors import ConfigError
+from ssmd.gctune import tune_for_daemon
 from ssmd.logs import setup_logging
 
 _SETTINGS = (
@@ -58,6 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> CacheSettings:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     settings = settings_from_args(args)
+    tune_for_daemon()
     asyncio.run(_main(settings))
     return 0
 

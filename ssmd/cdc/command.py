@@ -11,6 +11,7 @@ from ssmd.bus.publisher import PublishSettings
 from ssmd.bus.stream import StreamLimits
 from ssmd.cdc.daemon import CdcDaemon, CdcSettings
 from ssmd.core.errors import ConfigError
+from ssmd.gctune import tune_for_daemon
 from ssmd.logs import setup_logging
 from ssmd.pg.replication import validate_slot_name
 
@@ -81,4 +82,5 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"invalid LOG_LEVEL {args.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     setup_logging(args.log_level)
     settings = settings_from_args(args)
+    tune_for_daemon()
     return asyncio.run(CdcDaemon(settings).run())
