@@ -3,8 +3,9 @@
 PYTHON ?= python
 DEMO_SECONDS ?= 30
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install test demo dev-up dev-down
+.PHONY: install test demo bench dev-up dev-down
 
 install:
 	PYTHON=$(PYTHON) scripts/install.sh
@@ -17,6 +18,9 @@ test: install
 
 demo: install
 	DEMO_SECONDS=$(DEMO_SECONDS) $(PYTHON) -m ssmd.dev.demo
+
+bench: install
+	$(PYTHON) -m ssmd bench $(BENCH_ARGS)
 
 dev-up: install
 	$(PYTHON) -m ssmd dev up

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install what ssmd's tests and demo need, skipping what is already there:
 # the Debian server packages (PostgreSQL 15 with wal2json, Redis, NATS with JetStream) and the
-# Python package with its test extras. Runs as root, or with sudo for apt-get.
+# Python package with its test extras. redis-tools brings redis-benchmark, which `ssmd bench`
+# uses for the Redis ceiling. Runs as root, or with sudo for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python}"
-PACKAGES=(postgresql-15 postgresql-15-wal2json redis-server nats-server)
+PACKAGES=(postgresql-15 postgresql-15-wal2json redis-server redis-tools nats-server)
 
 missing=()
 for package in "${PACKAGES[@]}"; do

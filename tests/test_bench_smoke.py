@@ -21,7 +21,8 @@ from ssmd.bench.report import Measurement
 
 EXPECTED_ROWS = (
     "ssmd cache warm (markets + events + fees)",
-    "Redis EVALSHA CAS pipelined (ceiling)",
+    "redis-benchmark EVALSHA CAS pipelined (ceiling)",
+    "Redis EVALSHA CAS, one redis-py client (context)",
     "pg_recvlogical to /dev/null (ceiling)",
     "ssmd cdc publish (PubAck'd)",
     "JetStream publish_async, one client (context)",
@@ -147,5 +148,5 @@ def test_cpu_of_a_process_tree_counts_its_children():
     finally:
         child.communicate(b"\n", timeout=10)
     assert after["self"] - before["self"] >= 0.25
-    line = describe_cpu(before, after, changes=1000, wall_s=1.0)
+    line = describe_cpu(before, after, count=1000, wall_s=1.0)
     assert line.startswith("CPU µs per change: self ")

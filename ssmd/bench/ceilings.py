@@ -4,9 +4,10 @@
   uses and writes to /dev/null. No consumer of the same WAL can be faster on the same server,
   so it bounds the publish and end-to-end rates.
 - A pipelined EVALSHA of a compare-and-set script with the same key shape as the cache's write
-  (value key plus version key in one hash slot, fixed-width hex versions), the same batch size
-  and values of the same sizes bounds the warm rate: warm also reads and encodes rows, the
-  ceiling only writes.
+  (value key plus version key in one hash slot, fixed-width hex versions) and values of the same
+  sizes bounds the warm rate: warm also reads and encodes rows, the ceiling only writes. The
+  server's ceiling comes from redis-benchmark (C, several pipelined connections); one redis-py
+  client with the warm's batch size shows what a Python client reaches.
 - JetStream publish with a window of pending PubAcks, and a pull consumer acking each message,
   with ssmd's own messages, show what NATS and nats-py allow one client on this machine. They are
   context for the publish and end-to-end rates, which pg_recvlogical bounds.
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 
@@ -26,6 +28,7 @@ from ssmd.core.wal2json import WAL2JSON_OPTIONS
 from ssmd.dev.servers import PG_BINDIR
 
 PG_RECVLOGICAL = PG_BINDIR / "pg_recvlogical"
+REDIS_BENCHMARK = shutil.which("redis-benchmark") or "redis-benchmark"  # Debian package redis-tools
 
 # Same decision as a versioned write: apply only when the new version is greater than the
 # stored one, then store value and version. Versions are fixed-width hex strings.
@@ -88,6 +91,45 @@ def redis_cas_rate(redis_url: str, values: list[bytes], rows: int, batch_size: i
     finally:
         client.close()
     return rows / elapsed
+
+
+def redis_benchmark_cas_rate(host: str, port: int, db: int, value: bytes, requests: int, *, clients: int = 4, pipeline: int = 100, timeout_s: float = 300.0) -> float:
+    """Return the requests per second of redis-benchmark (C) running the same CAS by EVALSHA.
+
+    The keys are random in a range 100 times the number of requests, so nearly every call writes
+    a new key, like a warm of an empty cache. Several pipelined connections keep the server busy,
+    which makes this the server's ceiling rather than one client's.
+    """
+    client = redis.Redis(host=host, port=port, db=db, protocol=2)
+    try:
+        sha = client.script_load(CAS_SCRIPT)
+        version = "%016X%08X" % (0x100000000, 0)
+        command = [
+            REDIS_BENCHMARK, "-h", host, "-p", str(port), "--dbnum", str(db), "-n", str(requests),
+            "-c", str(clients), "-P", str(pipeline), "-r", str(requests * 100), "--csv",
+            "EVALSHA", sha, "2", "bench:rb:__rand_int__", "{bench:rb:__rand_int__}:v", version, value.decode(errors="replace"),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        client.flushdb()
+    finally:
+        client.close()
+    if result.returncode != 0:
+        raise RuntimeError(f"redis-benchmark exited with code {result.returncode}: {result.stderr.strip()[-300:]}")
+    return _csv_rps(result.stdout)
+
+
+def _csv_rps(output: str) -> float:
+    # `--csv` prints a header, then per test the command as its name and seven figures, rps first.
+    # The name is not escaped, and a JSON value in it contains `","`, so the figures are counted
+    # from the end of the line.
+    for line in output.strip().splitlines()[1:]:
+        cells = line.strip().strip('"').split('","')
+        if len(cells) >= 8:
+            try:
+                return float(cells[-7])
+            except ValueError:
+                continue
+    raise RuntimeError(f"no requests-per-second figure in redis-benchmark output: {output[-300:]!r}")
 
 
 async def jetstream_rates(nats_url: str, stream: str, messages: list[tuple[str, bytes]], count: int) -> tuple[float, float]:

@@ -33,7 +33,7 @@ def _children(parent_of: dict[int, int], pid: int) -> list[int]:
 
 
 def tree_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """Return user + system CPU seconds per name, summed over each pid and its live descendants."""
+    """Return user + system CPU seconds per name, summed over each pid and its descendants."""
     parent_of: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -42,16 +42,17 @@ def tree_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
         fields = _stat_fields(int(entry))
         if fields is None:
             continue
-        # Index 0 is the state, so ppid is 1, utime 11 and stime 12 (fields 4, 14 and 15 in proc(5)).
+        # Index 0 is the state, so ppid is 1, utime to cstime 11 to 14 (fields 4 and 14 to 17 in
+        # proc(5)). cutime and cstime hold the reaped children, e.g. a finished PostgreSQL backend.
         parent_of[int(entry)] = int(fields[1])
-        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
     return {name: sum(ticks.get(member, 0) for member in _children(parent_of, pid)) / _TICKS_PER_S for name, pid in pids.items() if pid}
 
 
-def describe_cpu(before: dict[str, float], after: dict[str, float], changes: int, wall_s: float) -> str:
-    """Return `name N µs` per change for each process tree, and how many CPUs were busy on average."""
+def describe_cpu(before: dict[str, float], after: dict[str, float], count: int, wall_s: float, unit: str = "change") -> str:
+    """Return `name N µs` per `unit` for each process tree, and how many CPUs were busy on average."""
     used = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in before}
     total = sum(used.values())
-    parts = ", ".join(f"{name} {seconds / changes * 1e6:.0f}" for name, seconds in used.items())
+    parts = ", ".join(f"{name} {seconds / count * 1e6:.0f}" for name, seconds in used.items())
     cpus = os.cpu_count() or 1
-    return f"CPU µs per change: {parts}; total {total / changes * 1e6:.0f} µs, {total / wall_s:.2f} of {cpus} CPUs busy"
+    return f"CPU µs per {unit}: {parts}; total {total / count * 1e6:.0f} µs, {total / wall_s:.2f} of {cpus} CPUs busy"
