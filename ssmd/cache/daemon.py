@@ -88,6 +88,7 @@ class CacheDaemon:
         self.hooks = hooks or CacheHooks()
         self.readiness = Readiness()
         self.warms_done = 0
+        self.warms_started = 0
         self.last_warm: WarmResult | None = None
         self._rng = rng or random.Random()
         self._clock = clock
@@ -199,7 +200,9 @@ class CacheDaemon:
         warmer = Warmer(
             self.settings.database_url, self.settings.redis_url, store, self.settings.tables, floors, self.metrics,
             delay_ms=self.settings.warm_delay_ms, after_snapshot=self.hooks.after_snapshot,
+            skip_sweep_when_empty=self.warms_started == 0,
         )
+        self.warms_started += 1
         warm_task = asyncio.create_task(warmer.run())
         consume_task: asyncio.Task | None = None
         try:

@@ -8,7 +8,10 @@ time on the event loop, and the scripts make the order of their writes irrelevan
 consumer already applied has a version at or above (S, 0), so the older snapshot row does not
 replace it. A tombstone left by a delete stops the snapshot row from coming back. After the last
 row, a sweep removes every entry of the followed namespaces older than the warm version: rows
-deleted while the cache was down, and tombstones no longer needed.
+deleted while the cache was down, and tombstones no longer needed. The first warm of a process
+skips the sweep when the namespaces held no entry before the consumer started, because every
+later write is at the warm version or above. A later warm always sweeps: a batch of a cancelled
+earlier warm may still land.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ssmd.core.position import Position, warm_version
 from ssmd.core.tables import TableInfo
 from ssmd.logs import fields
 from ssmd.pg.snapshot import SnapshotReader
-from ssmd.store.cache_store import CacheStore, connect_redis_blocking, sweep_blocking
+from ssmd.store.cache_store import CacheStore, connect_redis_blocking, has_entries_blocking, sweep_blocking
 from ssmd.store.scripts import APPLIED, BlockingScriptRunner, WarmWriteStream
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class Warmer:
         *,
         delay_ms: int = 0,
         after_snapshot: AfterSnapshotHook | None = None,
+        skip_sweep_when_empty: bool = False,
     ) -> None:
         self._dsn = dsn
         self._redis_url = redis_url
@@ -77,6 +81,7 @@ class Warmer:
         self._metrics = metrics
         self._delay_s = delay_ms / 1000
         self._after_snapshot = after_snapshot
+        self._skip_sweep_when_empty = skip_sweep_when_empty
         self._cancel = threading.Event()
         # Resolves with (S, the tables as the snapshot shows them, estimated rows) once the slot exists.
         self.snapshot_ready: asyncio.Future[tuple[Lsn, list[TableInfo], int]] = asyncio.get_running_loop().create_future()
@@ -113,6 +118,10 @@ class Warmer:
             scripts.load()
             with SnapshotReader(self._dsn) as reader:
                 tables = [reader.table_info(name) for name in self._table_names]
+                namespaces = [self.keyspace.namespace(table.schema, table.name) for table in tables]
+                # Checked before the consumer starts: from then on every write is at the warm
+                # version or above, so namespaces empty now have nothing for the sweep to remove.
+                sweep = not (self._skip_sweep_when_empty and not has_entries_blocking(client, self.keyspace, namespaces))
                 estimate = sum(reader.estimate_rows(table) for table in tables)
                 loop.call_soon_threadsafe(_resolve, self.snapshot_ready, (reader.snapshot_lsn, tables, estimate))
                 if self._after_snapshot is not None:
@@ -123,7 +132,9 @@ class Warmer:
             sweep_started = time.monotonic()
             if self._cancel.is_set():
                 raise WarmCancelled("warm cancelled")
-            namespaces = [self.keyspace.namespace(table.schema, table.name) for table in tables]
+            if not sweep:
+                log.info("sweep skipped: the namespaces were empty when the warm started %s", fields(namespaces=",".join(namespaces)))
+                return progress.rows, progress.written, 0, 0.0
             swept = sweep_blocking(client, self.keyspace, namespaces, warm_version(progress.snapshot_lsn))
             return progress.rows, progress.written, swept, time.monotonic() - sweep_started
         except BaseException as exc:

@@ -155,14 +155,12 @@ def sweep_blocking(client: redis.Redis, keyspace: KeySpace, namespaces: str | Se
     if isinstance(namespaces, str):
         namespaces = [namespaces]
     packed = threshold.pack().encode()
-    value_prefixes = tuple(keyspace.value_key(namespace, "").encode() for namespace in namespaces)
+    value_prefixes = _value_prefixes(keyspace, namespaces)
     scripts = BlockingScriptRunner(client)
     removed = 0
     try:
         for keys in _scan_blocking(client, f"*{keyspace.prefix}:*", SWEEP_SCAN_COUNT):
-            # A version key `{<value key>}:v` stands for its value key.
-            value_keys = {key[1:-3] if key[:1] == b"{" and key[-3:] == b"}:v" else key for key in keys}
-            value_keys = [key for key in value_keys if key.startswith(value_prefixes)]
+            value_keys = _namespace_value_keys(keys, value_prefixes)
             if not value_keys:
                 continue
             versions = _read_versions(client, value_keys)
@@ -172,6 +170,25 @@ def sweep_blocking(client: redis.Redis, keyspace: KeySpace, namespaces: str | Se
     except (RedisError, OSError) as exc:
         raise DependencyError(f"Redis sweep of namespaces {', '.join(namespaces)} failed: {exc}") from exc
     return removed
+
+
+def has_entries_blocking(client: redis.Redis, keyspace: KeySpace, namespaces: Sequence[str]) -> bool:
+    """Return whether any value key or version key of the namespaces exists (SCAN until the first)."""
+    value_prefixes = _value_prefixes(keyspace, namespaces)
+    try:
+        return any(_namespace_value_keys(keys, value_prefixes) for keys in _scan_blocking(client, f"*{keyspace.prefix}:*", SWEEP_SCAN_COUNT))
+    except (RedisError, OSError) as exc:
+        raise DependencyError(f"Redis scan of namespaces {', '.join(namespaces)} failed: {exc}") from exc
+
+
+def _value_prefixes(keyspace: KeySpace, namespaces: Sequence[str]) -> tuple[bytes, ...]:
+    return tuple(keyspace.value_key(namespace, "").encode() for namespace in namespaces)
+
+
+def _namespace_value_keys(keys: list[bytes], value_prefixes: tuple[bytes, ...]) -> list[bytes]:
+    """Return the value keys of the namespaces that `keys` name; a version key `{<value key>}:v` names its value key."""
+    value_keys = {key[1:-3] if key[:1] == b"{" and key[-3:] == b"}:v" else key for key in keys}
+    return [key for key in value_keys if key.startswith(value_prefixes)]
 
 
 def _read_versions(client: redis.Redis, value_keys: list[bytes]) -> list[bytes | None]:

@@ -7,6 +7,7 @@ commit changes inside the warm, between the slot's creation and the reads.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import threading
@@ -211,6 +212,33 @@ async def test_deleted_while_down_gone_after_restart(cdc):
         assert market(cdc["REDIS_URL"], "GONE-2") is None
         assert market(cdc["REDIS_URL"], "KEEP-1") is not None
         assert await verify_now(cdc) == []
+
+
+async def test_first_warm_into_empty_namespaces_skips_sweep(cdc, caplog):
+    caplog.set_level(logging.INFO, logger="ssmd.cache.warm")
+    seed_markets(cdc["DATABASE_URL"], "A-1", "A-2")
+    async with InProcessCache(cache_settings(cdc)) as cache:
+        await cache.wait_warms(1)
+        assert cache.daemon.last_warm.sweep_seconds == 0.0
+        assert "sweep skipped" in caplog.text
+        assert await verify_now(cdc) == []
+
+
+async def test_first_warm_sweeps_entry_left_from_before(cdc):
+    seed_markets(cdc["DATABASE_URL"], "A-1")
+    # An entry at an old version for a row the database no longer has, as after a cache that
+    # stopped before it saw the delete and whose stream messages are gone.
+    client = redis.Redis.from_url(cdc["REDIS_URL"])
+    client.set("secmaster:market:GHOST-1", b'{"ticker":"GHOST-1"}')
+    client.set("{secmaster:market:GHOST-1}:v", b"%016X%08X" % (1, 0))
+    try:
+        async with InProcessCache(cache_settings(cdc)) as cache:
+            await cache.wait_warms(1)
+            assert client.get("secmaster:market:GHOST-1") is None
+            assert cache.daemon.last_warm.swept >= 1
+            assert await verify_now(cdc) == []
+    finally:
+        client.close()
 
 
 async def test_stream_recreated_rewarms(ssmd_env, tmp_path):
