@@ -72,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
         for phase in PHASES:
             if phase in args.phases:
                 getattr(bench, PHASE_METHODS[phase])()
-        bench.compare_ceilings()
     finally:
         bench.stop_daemons()
         stack.stop()

@@ -51,10 +51,19 @@ caused it.
 **Warm rate.** Rows written by the warm (all three tables) divided by the time from starting
 `ssmd cache` on an empty Redis until its meta hash says `state=ready`. That time covers the
 exported-snapshot read of every followed table, encoding, versioned pipelined writes and the
-sweep. The ceiling is a pipelined `EVALSHA` of a compare-and-set script with the same key shape
-(value key and version key) and the warm's batch size, writing as many keys as the warm wrote
-rows, with values cycled from rows of every table that the cache just wrote, from one redis-py +
-hiredis client into another Redis database.
+sweep (which the first warm of a process skips when Redis held none of the namespaces' entries,
+as here). The ceiling is `redis-benchmark` (C) running a pipelined `EVALSHA` of a
+compare-and-set script with the same key shape (value key and version key): as many calls as
+the warm wrote rows, on 4 connections pipelining 100 calls each, random keys from a range 100
+times that count, and a cached row of about the mean size as the value, into another Redis
+database. One redis-py + hiredis client doing the same with the warm's batch size and values
+cycled from rows of every table is shown as context: it is what a Python client reaches.
+
+**CPU per change.** For the publish, end-to-end and warm rows, the run reads user and system
+CPU time of each process tree from `/proc` (the daemon, PostgreSQL's postmaster with its
+backends, including finished ones, nats-server and redis-server) at the start and the end of
+the timed window, and divides by the number of changes or rows. The share of the two CPUs busy
+on average shows whether the machine, rather than one process, was the limit.
 
 **Peak RSS.** `VmHWM` from `/proc/PID/status` of each daemon. Before one transaction that
 updates 200,000 rows (the small size uses fewer), the run resets the peak with

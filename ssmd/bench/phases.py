@@ -88,13 +88,6 @@ SIZES = {
 }
 LATENCY_RATES = (1000, 5000)
 
-# Ceilings measured earlier on an idle machine of the same kind (2 cores, loopback, median of 3
-# runs): pg_recvlogical over 200,000 single-row transactions, and a pipelined EVALSHA CAS from
-# redis-benchmark. A same-run ceiling far below these means the machine was busy.
-EARLIER_CEILINGS = {
-    "pg_recvlogical to /dev/null (ceiling)": 67_000.0,
-    SERVER_CAS_CEILING: 157_000.0,
-}
 
 
 class BenchRun:
@@ -354,21 +347,6 @@ class BenchRun:
         except Exception as exc:
             cdc_row.error = cache_row.error = _short(exc)
             log.exception("peak RSS phase failed")
-
-    def compare_ceilings(self) -> None:
-        """Add a section setting this run's ceilings beside the earlier idle-machine figures."""
-        lines = ["| ceiling | this run | earlier, idle machine | this run / earlier |", "|---|---|---|---|"]
-        for measurement in self.report.measurements:
-            earlier = EARLIER_CEILINGS.get(measurement.name)
-            if earlier is None or measurement.value is None:
-                continue
-            lines.append(f"| {measurement.name} | {measurement.value:,.0f} | {earlier:,.0f} | {measurement.value / earlier:.2f} |")
-        note = (
-            "The earlier figures were measured on an idle machine of the same kind (median of 3), "
-            "with the same pg_recvlogical command and with redis-benchmark running a pipelined "
-            "EVALSHA compare-and-set, so a ratio well below 1 means the machine was busier this time."
-        )
-        self.report.add_section("Ceilings against earlier measurements", "\n".join(lines) + "\n\n" + note)
 
     def profiles(self) -> None:
         """Add each profiled daemon's hot files and functions (after the daemons stopped)."""
