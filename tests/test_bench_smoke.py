@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ssmd.bench.command import _phase_list
+from ssmd.bench.command import _phase_list, add_arguments, default_output
 from ssmd.bench.cpu import describe_cpu, tree_cpu_seconds
 from ssmd.bench.latency import percentile
 from ssmd.bench.report import Measurement
@@ -150,3 +150,13 @@ def test_cpu_of_a_process_tree_counts_its_children():
     assert after["self"] - before["self"] >= 0.25
     line = describe_cpu(before, after, count=1000, wall_s=1.0)
     assert line.startswith("CPU µs per change: self ")
+
+
+def test_only_a_complete_full_run_writes_the_record():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert default_output(parser.parse_args([])) == "BENCHMARKS.md"
+    assert default_output(parser.parse_args(["--size", "small"])) == "bench-trial.md"
+    assert default_output(parser.parse_args(["--phases", "publish"])) == "bench-trial.md"
+    assert default_output(parser.parse_args(["--transactions", "1000", "--markets", "2000"])) == "bench-trial.md"
+    assert default_output(parser.parse_args(["--profile"])) == "bench-trial.md"

@@ -33,13 +33,15 @@ PHASE_METHODS = {
     "rss": "peak_rss",
 }
 PHASES = tuple(PHASE_METHODS)
+RECORD_FILE = "BENCHMARKS.md"
+TRIAL_FILE = "bench-trial.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: under a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, 6 to 25 minutes on two shared cores depending on their load (default full)")
     parser.add_argument("--markets", type=int, help="override the size's number of markets rows (warm table)")
     parser.add_argument("--transactions", type=int, help="override the size's number of single-row transactions and rows of the big transaction")
-    parser.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write; an existing `## Analysis` section in it is kept (default BENCHMARKS.md)")
+    parser.add_argument("--output", help=f"Markdown file to write; an existing `## Analysis` section in it is kept (default {RECORD_FILE} for a full run of every phase, else {TRIAL_FILE}, so a trial never replaces the record)")
     parser.add_argument("--phases", type=_phase_list, default=PHASES, help=f"comma-separated phases to run after loading, warming and committing the load, for quicker trials: {','.join(PHASES)} (default all)")
     parser.add_argument("--profile", action="store_true", help="run the daemons under cProfile and add their top functions to the report; rates are then lower")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory with server and daemon logs, and print its path")
@@ -85,13 +87,19 @@ def run(args: argparse.Namespace) -> int:
     report.duration_s = time.perf_counter() - started
     report.machine.append(("load average at end (1/5/15 min)", " / ".join(f"{load:.2f}" for load in os.getloadavg())))
     print(format_console_table(report))
-    output = Path(args.output)
+    output = Path(args.output or default_output(args))
     output.write_text(render_markdown(report, METHOD, kept_analysis(output)))
     print(f"wrote {output}")
     failed = report.failed()
     for measurement in failed:
         log.error("measurement failed: %s: %s", measurement.name, measurement.error)
     return 1 if failed else 0
+
+
+def default_output(args: argparse.Namespace) -> str:
+    """Return the report file for a run without --output: the record only for a complete full run."""
+    complete = args.size == "full" and args.markets is None and args.transactions is None and tuple(args.phases) == PHASES and not args.profile
+    return RECORD_FILE if complete else TRIAL_FILE
 
 
 def _phase_list(text: str) -> tuple[str, ...]:
