@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 
 from ssmd.core.envelope import MSG_ID_HEADER, Message
 from ssmd.core.errors import ConfigError, DependencyError, SsmdError
-from ssmd.observe import CdcMetrics
+from ssmd.observe import LATENCY_SAMPLE_EVERY, CdcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,9 @@ class Publisher:
 
     def _complete(self, attempt: _Attempt, duplicate: bool) -> None:
         size = len(attempt.message.body)
-        self._metrics.publish_latency.observe(time.monotonic() - attempt.started)
         unreported = self._unreported
+        if unreported[0] % LATENCY_SAMPLE_EVERY == 0:
+            self._metrics.publish_latency.observe(time.monotonic() - attempt.started)
         unreported[0] += 1
         unreported[1] += size
         unreported[2] += duplicate

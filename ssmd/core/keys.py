@@ -106,6 +106,8 @@ class KeySpace:
     prefix: str = DEFAULT_PREFIX
     namespaces: Mapping[str, str] = field(default_factory=dict)
     key_columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # (schema, table) -> (value key prefix `<prefix>:<ns>:`, key columns or None), filled on use.
+    _tables: dict[tuple[str, str], tuple[str, tuple[str, ...] | None]] = field(default_factory=dict, compare=False, repr=False)
 
     def namespace(self, schema: str, table: str) -> str:
         """Return the namespace of a table, overridden or default."""
@@ -114,8 +116,12 @@ class KeySpace:
 
     def row_value_key(self, schema: str, table: str, key: Row) -> str:
         """Return the value key of a row of a table from its key object."""
-        key_columns = _lookup(self.key_columns, schema, table)
-        return self.value_key(self.namespace(schema, table), row_key_text(key, key_columns))
+        entry = self._tables.get((schema, table))
+        if entry is None:
+            entry = (self.value_key(self.namespace(schema, table), ""), _lookup(self.key_columns, schema, table))
+            self._tables[(schema, table)] = entry
+        key_prefix, key_columns = entry
+        return key_prefix + row_key_text(key, key_columns)
 
     def value_key(self, namespace: str, key: str) -> str:
         """Return `<prefix>:<ns>:<key>`, the key readers GET."""

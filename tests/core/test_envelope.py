@@ -6,6 +6,8 @@ from hypothesis import given, strategies as st
 from ssmd.core.changes import Change, Op
 from ssmd.core.envelope import (
     SLOT_CREATED_SUBJECT,
+    _checked_change,
+    _usual_change,
     SlotCreated,
     decode_change,
     decode_slot_created,
@@ -95,6 +97,7 @@ def test_bad_body_names_field(mutate, fragment):
     message = encode_change(market_update())
     body = loads(message.body)
     mutate(body)
+    assert _usual_change(message.subject, body) is None
     with pytest.raises(DecodeError) as raised:
         decode_change(message.subject, dumps(body))
     assert fragment in str(raised.value)
@@ -160,3 +163,12 @@ def test_envelope_round_trip(change):
     assert decoded.unchanged == change.unchanged
     assert decoded.commit_time == change.commit_time
     assert encode_change(decoded) == message
+
+
+@given(changes())
+def test_usual_and_checked_decoding_agree(change):
+    message = encode_change(change)
+    fields = loads(message.body)
+    usual = _usual_change(message.subject, fields)
+    assert usual is not None
+    assert usual == _checked_change(message.subject, fields)
