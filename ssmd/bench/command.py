@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
         bench.load_data()
         bench.warm()
         bench.generate_stream_load()
+        last_cdc_phase = "end-to-end" if "end-to-end" in args.phases else "publish"
         for phase in PHASES:
             if phase in args.phases:
                 getattr(bench, PHASE_METHODS[phase])()
+            if phase == last_cdc_phase and "recvlogical" in args.phases:
+                bench.recvlogical_again()  # the ceiling brackets the phases it bounds
     finally:
         bench.stop_daemons()
         stack.stop()

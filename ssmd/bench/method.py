@@ -10,7 +10,7 @@ Infinity, 5 % of `notes` large enough to be TOASTed), and stops everything at th
 run one after another, so no two measured consumers compete for the two CPUs.
 
 **Same WAL for every reader.** Before the generated load, the run creates one wal2json slot per
-consumer (pg_recvlogical, the baseline, ssmd cdc publish-only, ssmd cdc end-to-end). The load is
+consumer (pg_recvlogical twice, the baseline, ssmd cdc publish-only, ssmd cdc end-to-end). The load is
 N single-row transactions, each `UPDATE markets SET title = ...` of a different row, committed
 one by one by a PL/pgSQL procedure. Each consumer then reads the same N transactions from its
 own slot.
@@ -18,7 +18,9 @@ own slot.
 **Ceiling for reading.** `pg_recvlogical --start --endpos <LSN after the load> --file /dev/null`
 with the wal2json options ssmd cdc sends (format-version 2, include-xids, include-lsn,
 include-timestamp, include-transaction, include-pk, include-types, add-tables,
-add-msg-prefixes). Rate = N / elapsed seconds of the process.
+add-msg-prefixes). Rate = N / elapsed seconds of the process. It runs twice, from two slots
+over the same load: before the cdc phases and right after the last of them, and the ceiling is
+the mean of the two rates, because the speed of these shared machines drifts within minutes.
 
 **ssmd cdc publish rate.** `ssmd cdc` alone against an empty stream on its own nats-server. The
 clock starts when the first change is in the stream and stops when all N are (stream state
