@@ -1,6 +1,6 @@
 """Measure the warm alone and where its time goes, beside a Redis ceiling from the same run.
 
-`python -m ssmd.cache.profile_warm --markets 1000000` starts a throwaway PostgreSQL and Redis on
+`python -m ssmd.bench.warm_profile --markets 1000000` starts a throwaway PostgreSQL and Redis on
 loopback ports (or reuses the ones recorded under `--root`), loads the sample tables, and runs:
 
 1. COPY read only: every followed table read from one snapshot, values left as text;
@@ -142,7 +142,7 @@ def start_servers(root: Path) -> tuple[PostgresServer, RedisServer, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssmd.cache.profile_warm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ssmd.bench.warm_profile", description=__doc__.splitlines()[0])
     parser.add_argument("--markets", type=int, default=200_000, help="markets rows to load (default 200000)")
     parser.add_argument("--root", type=Path, help="directory for the servers; with it they keep running for the next run (default: a temporary directory, servers stopped at exit)")
     parser.add_argument("--database", default="warmprofile", help="database to load and warm from (default warmprofile)")
