@@ -40,7 +40,6 @@ A domain is encoded by its own name, so a domain over numeric becomes a JSON str
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -49,7 +48,7 @@ from typing import Any
 from ssmd.core.errors import DecodeError
 import orjson
 
-from ssmd.core.jsontext import JsonNumber, JsonValue, dumps
+from ssmd.core.jsontext import JsonNumber, JsonValue, dumps, loads
 from ssmd.core.pgarray import parse_array
 
 TextConverter = Callable[[str], JsonValue]
@@ -103,17 +102,9 @@ def _bool_from_text(text: str) -> JsonValue:
     raise DecodeError(f"invalid boolean text {text!r}: expected 't' or 'f'")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"invalid JSON constant {name}")
-
-
-# One decoder for every value: `json.loads` with keyword arguments builds a new one per call.
-_JSON_DECODER = json.JSONDecoder(parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant)
-
-
 def _json_from_text(text: str) -> JsonValue:
     try:
-        return _JSON_DECODER.decode(text)
+        return loads(text)
     except ValueError as exc:
         raise DecodeError(f"invalid json value {text[:100]!r}: {exc}") from None
 
