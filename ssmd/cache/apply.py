@@ -203,21 +203,17 @@ class Applier:
     async def _flush(self) -> None:
         calls, self._calls, self._owners = self._calls, [], []
         results = await self.store.scripts.run(calls)
-        # One counter update per outcome and batch: each update takes a lock.
+        self._count([call.script for call in calls], results)
+
+    def _count(self, scripts: list[Script], results: list[int]) -> None:
+        """Add script results to the counters, one update per counter: each update takes a lock."""
         applied = tombstones = stale = 0
-        for call, result in zip(calls, results):
+        for script, result in zip(scripts, results):
             if result == APPLIED:
                 applied += 1
-                tombstones += call.script is Script.APPLY_DELETE
+                tombstones += script is Script.APPLY_DELETE
             elif result in (STALE, BELOW_FLOOR):
                 stale += 1
-        self._add_counts(applied, tombstones, stale)
-
-    def _count(self, script: Script, result: int) -> None:
-        applied = result == APPLIED
-        self._add_counts(int(applied), int(applied and script is Script.APPLY_DELETE), int(result in (STALE, BELOW_FLOOR)))
-
-    def _add_counts(self, applied: int, tombstones: int, stale: int) -> None:
         if applied:
             self.metrics.applied.inc(applied)
         if tombstones:
@@ -236,7 +232,7 @@ class Applier:
             args = (action.position.pack(), dumps(row), self._floor(action.namespace), base.decode() if base else "")
             [result] = await self.store.scripts.run([ScriptCall(Script.APPLY_MERGE, (action.value_key, version_key), args)])
             if result != CHANGED_SINCE_READ:
-                self._count(Script.APPLY_MERGE, result)
+                self._count([Script.APPLY_MERGE], [result])
                 return
         raise DependencyError(f"key {action.value_key} kept changing while merging unchanged columns")
 
@@ -290,17 +286,16 @@ class Applier:
 
 def check_columns(change: Change, table: TableInfo) -> None:
     """Raise PoisonMessage when a change names columns or a key the table does not have."""
-    known = column_name_set(table)
     if change.op is Op.TRUNCATE:
         return
     if set(change.key) != set(table.key_columns):
         raise PoisonMessage(f"key columns {list(change.key)} of {table.qualified_name} differ from its key {list(table.key_columns)}")
     if change.data is not None:
-        unknown = change.data.keys() - known
-        if unknown:
-            raise PoisonMessage(f"unknown columns {sorted(unknown)} for {table.qualified_name}")
         if not isinstance(change.data, dict):
             raise PoisonMessage(f"data of {table.qualified_name} is not an object")
+        unknown = change.data.keys() - column_name_set(table)
+        if unknown:
+            raise PoisonMessage(f"unknown columns {sorted(unknown)} for {table.qualified_name}")
 
 
 def in_key_order(change: Change, table: TableInfo) -> Change:
