@@ -56,10 +56,6 @@ _RETRYABLE = (
 )
 
 
-class WrongStreamError(DependencyError):
-    """A stream other than the configured one acknowledged a message."""
-
-
 @dataclass(frozen=True)
 class PublishSettings:
     max_in_flight: int = 2000
@@ -330,7 +326,7 @@ def _read_reply(msg: Msg, stream: str) -> tuple[BaseException | None, bool]:
         except (KeyError, TypeError):
             return DependencyError(f"invalid JetStream error reply {msg.data[:200]!r}"), False
     if reply.get("stream") != stream:
-        return WrongStreamError(f"stream {reply.get('stream')!r} stored the message instead of stream {stream!r}: that stream now takes the cdc subjects, so delete it or set NATS_STREAM to it"), False
+        return DependencyError(f"stream {reply.get('stream')!r} stored the message instead of stream {stream!r}: that stream now takes the cdc subjects, so delete it or set NATS_STREAM to it"), False
     return None, reply.get("duplicate") is True
 
 
@@ -340,7 +336,8 @@ def _permanent_error(exc: BaseException, message: Message, stream: str) -> SsmdE
             f"message {message.msg_id} on {message.subject} is {len(message.body)} bytes, over the NATS server's max_payload: "
             f"raise max_payload in the nats-server configuration"
         )
-    if isinstance(exc, WrongStreamError):
+    if isinstance(exc, SsmdError):
+        # ssmd's own errors (an invalid reply, a PubAck from another stream) already say what failed.
         return DependencyError(f"publishing message {message.msg_id} on {message.subject} failed: {exc}")
     if isinstance(exc, nats.js.errors.APIError):
         return DependencyError(f"JetStream rejected message {message.msg_id} on {message.subject} for stream {stream}: {exc}")
