@@ -106,8 +106,8 @@ class PullConsumer:
 
     nats-py's `fetch` waits for each message through a new task with a timeout, which cost more
     than applying the message. Here one subscription callback collects the messages of every
-    request in a buffer. A fetch first requests what the consumer has now (`no_wait`), and only
-    when that is nothing holds a request open on the server.
+    request in a buffer. A fetch first requests what the consumer has now (`no_wait`). Only when
+    that is nothing does it keep a request open on the server.
 
     Messages that were delivered but not yet handed out are negatively acknowledged at `close`,
     so the next consumer gets them at once instead of after `ack_wait`.

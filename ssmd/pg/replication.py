@@ -157,7 +157,7 @@ class ReplicationStream:
         self._conn: psycopg.Connection | None = None
         self._confirmed: Lsn | None = None
         self._reply_requested = False
-        self.max_read_bytes = max_read_bytes
+        self._max_read_bytes = max_read_bytes
 
     @property
     def confirmed(self) -> Lsn | None:
@@ -195,9 +195,9 @@ class ReplicationStream:
             await self._wait_readable(pgconn.socket, timeout)
             self._consume(pgconn)
             self._drain(pgconn, batch)
-        # One socket read holds about 16 KiB, a few small transactions. Reading on while more
+        # One socket read brings about 16 KiB, a few small transactions. Reading on while more
         # is already there lets one flush (re-reads, publish burst) serve a whole backlog slice.
-        while batch.bytes < self.max_read_bytes and self._readable_now(pgconn.socket):
+        while batch.bytes < self._max_read_bytes and self._readable_now(pgconn.socket):
             self._consume(pgconn)
             if not self._drain(pgconn, batch):
                 break

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,12 @@ class CdcProcess:
         except FileNotFoundError:
             return None
         return None
+
+
+def read_metric(port: int, name: str) -> float:
+    """Return one sample from a daemon's /metrics on 127.0.0.1, or 0.0 when it is not listed."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def run_sql(url: str, *statements: str) -> None:

@@ -81,7 +81,7 @@ async def test_redelivered_older_change_is_stale(stream_stack):
             await asyncio.sleep(3)  # past ack_wait (2 s): JetStream redelivers e1
             raise RuntimeError("handler stalled")
 
-    # Both changes wait in the stream before the consumer resumes, so one batch holds both:
+    # Both changes wait in the stream before the consumer resumes, so one batch contains both:
     # e2 is applied while e1 stalls, and e1's redelivery comes after it.
     _, stop, task = await run_daemon(config, CacheHooks())
     stop.set()

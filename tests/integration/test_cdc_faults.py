@@ -8,7 +8,6 @@ right after its N-th PubAck of a change, before it can confirm the slot), SSMD_F
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import nats
 import psycopg
@@ -18,8 +17,8 @@ from ssmd.core.lsn import Lsn
 from ssmd.dev.servers import free_port
 from ssmd.cdc.daemon import FAULT_EXIT_CODE
 from tests.integration.cdc_support import (
-    MARKETS_SCHEMA, CdcProcess, announcements, changes, read_stream, run_sql, slot_state, stream_count, wait_announced,
-    wait_streaming, wait_until,
+    MARKETS_SCHEMA, CdcProcess, announcements, changes, read_metric, read_stream, run_sql, slot_state, stream_count,
+    wait_announced, wait_streaming, wait_until,
 )
 
 THREE_CHANGES = (
@@ -32,11 +31,6 @@ THREE_CHANGES = (
 def env(ssmd_env):
     run_sql(ssmd_env["DATABASE_URL"], MARKETS_SCHEMA)
     return ssmd_env
-
-
-def _metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def _start(env, tmp_path, *args, **extra_env) -> CdcProcess:
@@ -135,7 +129,7 @@ def test_lost_pub_ack_is_retried_once_stored(env, tmp_path):
     commit_lsn = Lsn.parse(messages[0].body["lsn"])
     wait_until(lambda: _confirmed(env) > commit_lsn, 30, "slot confirmed after the retries", process)
     # The dropped PubAcks were for stored messages, so each retry is acknowledged as a duplicate.
-    wait_until(lambda: _metric(port, "ssmd_cdc_publish_duplicates_total") >= 1, 10, "the duplicate counter", process)
+    wait_until(lambda: read_metric(port, "ssmd_cdc_publish_duplicates_total") >= 1, 10, "the duplicate counter", process)
     assert process.terminate() == 0
 
     assert len(_changes(env)) == 3

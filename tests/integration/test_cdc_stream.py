@@ -15,8 +15,8 @@ from ssmd.core.jsontext import JsonNumber
 from ssmd.core.lsn import Lsn
 from ssmd.dev.servers import free_port
 from tests.integration.cdc_support import (
-    MARKETS_SCHEMA, CdcProcess, changes, current_wal_lsn, read_stream, run_sql, slot_state, wait_announced, wait_streaming,
-    wait_until,
+    MARKETS_SCHEMA, CdcProcess, changes, current_wal_lsn, read_metric, read_stream, run_sql, slot_state, wait_announced,
+    wait_streaming, wait_until,
 )
 
 
@@ -247,15 +247,11 @@ def test_cdc_metrics_and_readiness(ssmd_env, cdc):
     assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
     assert urllib.request.urlopen(base + "/readyz", timeout=5).status == 200
 
-    def metric(name: str) -> float:
-        text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-        return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
-
-    wait_until(lambda: metric("ssmd_cdc_changes_published_total") >= 1, 10, "the published counter", process)
-    assert metric("ssmd_cdc_changes_read_total") >= 1
-    assert metric("ssmd_cdc_transactions_total") >= 1
-    assert metric("ssmd_cdc_publish_latency_seconds_count") >= 1
-    wait_until(lambda: metric("ssmd_cdc_confirmed_lsn") > 0, 10, "the confirmed LSN gauge", process)
+    wait_until(lambda: read_metric(port, "ssmd_cdc_changes_published_total") >= 1, 10, "the published counter", process)
+    assert read_metric(port, "ssmd_cdc_changes_read_total") >= 1
+    assert read_metric(port, "ssmd_cdc_transactions_total") >= 1
+    assert read_metric(port, "ssmd_cdc_publish_latency_seconds_count") >= 1
+    wait_until(lambda: read_metric(port, "ssmd_cdc_confirmed_lsn") > 0, 10, "the confirmed LSN gauge", process)
 
 
 def test_cdc_publishes_truncate(ssmd_env, cdc):

@@ -47,7 +47,7 @@ async def test_fetch_returns_stream_order_in_batches(stream):
     assert numbers(second) == [5, 6]
 
 
-async def test_fetch_on_empty_stream_waits_then_returns_nothing(stream):
+async def test_empty_stream_fetch_times_out(stream):
     js, settings = stream
     consumer = PullConsumer(js, settings)
     started = time.monotonic()
