@@ -22,19 +22,17 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rfind(")") + 2:].split()
 
 
-def _children(parent_of: dict[int, int], pid: int) -> list[int]:
-    found = [pid]
-    index = 0
-    while index < len(found):
-        current = found[index]
-        found += [child for child, parent in parent_of.items() if parent == current]
-        index += 1
-    return found
+def _tree(children: dict[int, list[int]], pid: int) -> list[int]:
+    """Return `pid` and all its descendants."""
+    members = [pid]
+    for member in members:  # the list grows while it is walked
+        members += children.get(member, [])
+    return members
 
 
 def tree_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """Return user + system CPU seconds per name, summed over each pid and its descendants."""
-    parent_of: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -43,10 +41,10 @@ def tree_cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
         if fields is None:
             continue
         # Index 0 is the state, so ppid is 1, utime to cstime 11 to 14 (fields 4 and 14 to 17 in
-        # proc(5)). cutime and cstime hold the reaped children, e.g. a finished PostgreSQL backend.
-        parent_of[int(entry)] = int(fields[1])
+        # proc(5)). cutime and cstime count reaped children, e.g. a finished PostgreSQL backend.
+        children.setdefault(int(fields[1]), []).append(int(entry))
         ticks[int(entry)] = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return {name: sum(ticks.get(member, 0) for member in _children(parent_of, pid)) / _TICKS_PER_S for name, pid in pids.items() if pid}
+    return {name: sum(ticks.get(member, 0) for member in _tree(children, pid)) / _TICKS_PER_S for name, pid in pids.items() if pid}
 
 
 def describe_cpu(before: dict[str, float], after: dict[str, float], count: int, wall_s: float, unit: str = "change") -> str:
