@@ -121,7 +121,7 @@ class Warmer:
                 namespaces = [self.keyspace.namespace(table.schema, table.name) for table in tables]
                 # Checked before the consumer starts: from then on every write is at the warm
                 # version or above, so namespaces empty now have nothing for the sweep to remove.
-                sweep = not (self._skip_sweep_when_empty and not has_entries_blocking(client, self.keyspace, namespaces))
+                sweep = has_entries_blocking(client, self.keyspace, namespaces) if self._skip_sweep_when_empty else True
                 estimate = sum(reader.estimate_rows(table) for table in tables)
                 loop.call_soon_threadsafe(_resolve, self.snapshot_ready, (reader.snapshot_lsn, tables, estimate))
                 if self._after_snapshot is not None:
