@@ -134,6 +134,30 @@ def test_async_runner_error_reply_raises(redis_db):
     asyncio.run(scenario())
 
 
+def test_async_runner_batch_timeout(redis_db):
+    async def scenario():
+        client = connect_redis(redis_db + "?socket_timeout=0.5")
+        pauser = connect_redis(redis_db)
+        try:
+            runner = ScriptRunner(client)
+            await runner.load()
+            calls = [ScriptCall(Script.APPLY_WRITE, (f"secmaster:market:{index}", f"{{secmaster:market:{index}}}:v"), (NEW, b"{}", "")) for index in range(50)]
+            # Every command waits out the pause, CLIENT UNPAUSE included, so it stays short.
+            await pauser.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(DependencyError, match="50 script calls failed"):
+                await runner.run(calls)
+            assert asyncio.get_running_loop().time() - started < 2.0
+            await pauser.ping()
+
+            assert await runner.run(calls) == [APPLIED] * 50
+        finally:
+            await client.aclose()
+            await pauser.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_sweep_covers_several_namespaces(client):
     old, new = OLD.encode(), NEW.encode()
     for namespace in ("market", "event", "fee"):
