@@ -108,27 +108,24 @@ class ChangePipeline:
                     if len(pending) >= self._batch_size:
                         await self.flush()
                         pending = self._pending
+                elif type(record) is Begin:
+                    self._tracker.open(record.commit_lsn, record.next_lsn)
+                    self._begin = record
+                elif type(record) is Commit:
+                    # The transaction closes at the next flush, after its messages are
+                    # published, so one flush serves every transaction of a read: one re-read
+                    # per table and one burst of publishes instead of one of each per transaction.
+                    self._commits.append(record.commit_lsn)
+                    self._begin = None
+                    if len(self._commits) >= self._batch_size:
+                        await self.flush()
+                        pending = self._pending
                 elif record is not None:
-                    await self._on_record(record)
+                    await self._on_message(record)
                     pending = self._pending
         finally:
             # One counter update per read: the counter takes a lock on every call.
             self._metrics.changes_read.inc(changes)
-
-    async def _on_record(self, record: Begin | Commit | LogicalMessage) -> None:
-        if isinstance(record, Begin):
-            self._tracker.open(record.commit_lsn, record.next_lsn)
-            self._begin = record
-        elif isinstance(record, LogicalMessage):
-            await self._on_message(record)
-        elif isinstance(record, Commit):
-            # The transaction closes at the next flush, after its messages are published, so
-            # one flush serves every transaction of a read: one re-read per table and one
-            # burst of publishes instead of one of each per transaction.
-            self._commits.append(record.commit_lsn)
-            self._begin = None
-            if len(self._commits) >= self._batch_size:
-                await self.flush()
 
     async def flush(self) -> None:
         """Complete and publish every buffered change and mark, in order, then close their transactions."""
