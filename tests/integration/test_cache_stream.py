@@ -91,12 +91,15 @@ async def test_redelivered_older_change_is_stale(stream_stack):
     daemon, stop, task = await run_daemon(config, CacheHooks(before_apply=stall_on_e1))
     try:
         await wait_until_async(lambda: deliveries[str(e1.position.commit_lsn)] >= 2, 20, "e1 redelivered")
-        await wait_until_async(lambda: sample(daemon, "ssmd_cache_changes_stale_total") >= 1, 10, "e1 found stale")
+        # e2 is acknowledged only after the batch, past ack_wait, so JetStream may deliver it
+        # again as well. Every delivery after the first must be found stale.
+        redeliveries = sum(count - 1 for count in deliveries.values())
+        await wait_until_async(lambda: sample(daemon, "ssmd_cache_changes_stale_total") >= redeliveries, 10, "every redelivery found stale")
 
         row = loads(cached(config.redis_url, "secmaster:market:TEST-1"))
         assert row["status"] == "halted"
         assert cached(config.redis_url, "{secmaster:market:TEST-1}:v").decode() == e2.position.pack()
-        assert deliveries[str(e2.position.commit_lsn)] == 1
+        assert deliveries[str(e2.position.commit_lsn)] >= 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
