@@ -1,6 +1,7 @@
 # Targets for developers and CI. Each one installs what is missing first (scripts/install.sh).
 
-PYTHON ?= python
+# Debian 12 has `python3` and no `python` unless a virtual environment or pyenv provides one.
+PYTHON ?= $(shell command -v python >/dev/null 2>&1 && echo python || echo python3)
 DEMO_SECONDS ?= 30
 PYTEST_ARGS ?=
 BENCH_ARGS ?=

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python3)}"
 PACKAGES=(postgresql-15 postgresql-15-wal2json redis-server redis-tools nats-server)
 
 missing=()
@@ -28,6 +28,15 @@ if ((${#missing[@]})); then
     echo "install.sh: installing ${missing[*]}"
     "${apt_get[@]}" update -q
     DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Debian marks its system Python as externally managed (PEP 668), and pip rejects installs into
+# it. Print how to create a virtual environment instead of pip's longer error.
+if "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(0 if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'; then
+    echo "install.sh: $PYTHON is the system's externally managed Python, where pip does not install packages." >&2
+    echo "install.sh: create and activate a virtual environment first, then run make again:" >&2
+    echo "install.sh:   apt-get install -y python3-venv && python3 -m venv .venv && . .venv/bin/activate" >&2
+    exit 1
 fi
 
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
