@@ -38,7 +38,7 @@ TRIAL_FILE = "bench-trial.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: under a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, 6 to 25 minutes on two shared cores depending on their load (default full)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: under a minute, for smoke tests; full: 1,000,000 markets and 200,000 transactions, about 5 minutes on two quiet shared cores and longer under load (default full)")
     parser.add_argument("--markets", type=int, help="override the size's number of markets rows (warm table)")
     parser.add_argument("--transactions", type=int, help="override the size's number of single-row transactions and rows of the big transaction")
     parser.add_argument("--output", help=f"Markdown file to write; an existing `## Analysis` section in it is kept (default {RECORD_FILE} for a full run of every phase, else {TRIAL_FILE}, so a trial never replaces the record)")

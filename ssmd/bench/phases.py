@@ -143,7 +143,7 @@ class BenchRun:
         # The sentinel of the big transaction is one row past the rows it updates.
         needed = max(self.size.stream_transactions, self.size.big_transaction_rows + 1)
         self.targets = workload.prepare_targets(self.dsn, needed)
-        log.info("loaded sample data %s in %.1f s; %d target rows", counts.as_dict(), time.perf_counter() - started, self.targets)
+        log.info("loaded sample data %s in %.1f s; %d markets rows marked for the generated updates and the big transaction (its last row is the sentinel)", counts.as_dict(), time.perf_counter() - started, self.targets)
         self.counts = counts
 
     def warm(self) -> None:
