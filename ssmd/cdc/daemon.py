@@ -49,16 +49,17 @@ from ssmd.pg.replication import MESSAGE_PREFIX, ReplicationStream, SlotPoller, c
 log = logging.getLogger(__name__)
 
 # Test-only fault hooks, read from the environment; never set them in production.
-# SSMD_FAULT_EXIT_AFTER_ACKS=N ends the process with os._exit(97) right after the N-th PubAck of
-# a change or mark (the slot announcement is not counted), as a crash between acknowledgements
-# would. SSMD_FAULT_DROP_ACKS=N treats the first N PubAcks as lost, so those publishes are
-# retried with the same message id. SSMD_FAULT_EXIT_AT=slot-staged ends the process after the
-# announcement is written but before the slot exists; slot-created ends it after the slot is
-# created, before anything is published.
+# SSMD_FAULT_EXIT_AFTER_ACKS=N makes the process send itself SIGKILL right after the N-th PubAck
+# of a change or mark (the slot announcement is not counted): a real crash between
+# acknowledgements, at a point no outside timing can hit. SSMD_FAULT_DROP_ACKS=N treats the first
+# N PubAcks as lost, so those publishes are retried with the same message id.
+# SSMD_FAULT_EXIT_AT=slot-staged kills the process the same way after the announcement is
+# written but before the slot exists; slot-created kills it after the slot is created, before
+# anything is published.
 FAULT_EXIT_AFTER_ACKS = "SSMD_FAULT_EXIT_AFTER_ACKS"
 FAULT_DROP_ACKS = "SSMD_FAULT_DROP_ACKS"
 FAULT_EXIT_AT = "SSMD_FAULT_EXIT_AT"
-FAULT_EXIT_CODE = 97
+FAULT_EXIT_CODE = -signal.SIGKILL  # the return code subprocess reports for a SIGKILLed child
 CONFIRM_MIN_INTERVAL_S = 0.1
 
 
@@ -246,9 +247,8 @@ class CdcDaemon:
 
     def _fault_exit_at(self, stage: str) -> None:
         if self._exit_at == stage:
-            log.error("exiting at %s because %s is set (test-only fault hook)", stage, FAULT_EXIT_AT)
-            logging.shutdown()
-            os._exit(FAULT_EXIT_CODE)
+            log.error("killing the process at %s because %s is set (test-only fault hook)", stage, FAULT_EXIT_AT)
+            _kill_self()
 
     async def _slot_announced(self, js) -> bool:
         try:
@@ -372,9 +372,8 @@ class CdcDaemon:
             tracker.acked(token)
         self._acks += 1
         if self._exit_after_acks and self._acks >= self._exit_after_acks:
-            log.error("exiting after %s PubAcks because %s is set (test-only fault hook)", self._acks, FAULT_EXIT_AFTER_ACKS)
-            logging.shutdown()
-            os._exit(FAULT_EXIT_CODE)
+            log.error("killing the process after %s PubAcks because %s is set (test-only fault hook)", self._acks, FAULT_EXIT_AFTER_ACKS)
+            _kill_self()
 
     async def _close(self, session: _Session, *, graceful: bool) -> None:
         """Close in reverse order; when graceful, wait for PubAcks and confirm them first."""
@@ -425,3 +424,9 @@ def as_dependency_error(exc: BaseException) -> DependencyError:
         return exc
     text = " ".join(str(exc).split()) or type(exc).__name__
     return DependencyError(f"start-up failed: {text}")
+
+
+def _kill_self() -> None:
+    """Flush the log, then SIGKILL this process: no cleanup, no further PubAck or confirmation."""
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)

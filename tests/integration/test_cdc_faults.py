@@ -1,8 +1,9 @@
 """`ssmd cdc` under faults: crashes around PubAcks, lost PubAcks, restarts and server outages.
 
-The crash tests use the test-only hook SSMD_FAULT_EXIT_AFTER_ACKS=N (the daemon calls os._exit
-right after its N-th PubAck of a change, before it can confirm the slot), SSMD_FAULT_EXIT_AT
-(os._exit at a step of creating the slot) or SIGKILL while NATS is down.
+The crash tests use the test-only hook SSMD_FAULT_EXIT_AFTER_ACKS=N (the daemon sends itself
+SIGKILL right after its N-th PubAck of a change, before it can confirm the slot),
+SSMD_FAULT_EXIT_AT (the same SIGKILL at a step of creating the slot), or a SIGKILL from the
+test while NATS is down.
 """
 
 from __future__ import annotations
