@@ -9,7 +9,9 @@ Rules:
   Redis state, so it first flushes the writes queued before it;
 - a message is acknowledged only after Redis accepted all its writes; a poison message
   (undecodable, unknown table, wrong shape, oversized) is terminated, counted and logged, and a
-  message whose handling keeps failing is terminated after `max_deliver` deliveries.
+  message whose handling keeps failing is terminated after `max_deliver` deliveries. Its change
+  is then never applied, so the batch ends with a re-warm that brings the row in from a new
+  snapshot.
 """
 
 from __future__ import annotations
@@ -126,8 +128,9 @@ class Applier:
             if rewarm is not None:
                 break
         await self._flush()
-        await self._settle(pending, rewarm is not None)
+        terminated = await self._settle(pending, rewarm is not None)
         await self._record_progress()
+        rewarm = rewarm or terminated
         if rewarm is not None:
             raise RewarmNeeded(rewarm)
 
@@ -243,7 +246,9 @@ class Applier:
         removed = await self.store.sweep(action.namespace, action.position)
         log.info("truncated namespace %s", fields(namespace=action.namespace, position=action.position, removed=removed))
 
-    async def _settle(self, items: list[_Pending], stopping: bool) -> None:
+    async def _settle(self, items: list[_Pending], stopping: bool) -> str | None:
+        """Acknowledge, retry or terminate each message; return a re-warm reason when a failing message was terminated."""
+        terminated = None
         for item in items:
             msg, seq = item.msg, item.stream_seq
             if item.poison is not None:
@@ -252,14 +257,17 @@ class Applier:
                 await msg.term()
                 self.tracker.handled(seq, None)
             elif item.failed is not None:
-                await self._retry_or_terminate(item)
+                if await self._retry_or_terminate(item) and terminated is None:
+                    terminated = f"message at stream seq {seq} ({msg.subject}) failed {item.delivered} times and was terminated, so its change is missing"
             elif stopping and item.lsn is None and not msg.subject.startswith(CONTROL_PREFIX + "."):
                 await msg.nak()  # not reached before the re-warm; the new consumer starts over anyway
             else:
                 await msg.ack()
                 self.tracker.handled(seq, item.lsn)
+        return terminated
 
-    async def _retry_or_terminate(self, item: _Pending) -> None:
+    async def _retry_or_terminate(self, item: _Pending) -> bool:
+        """Ask for a redelivery, or terminate after the last one; return True when terminated."""
         msg, seq = item.msg, item.stream_seq
         delivered = item.delivered
         if delivered >= self.max_deliver:
@@ -267,9 +275,10 @@ class Applier:
             log.error("terminated message after %d deliveries %s", delivered, fields(subject=msg.subject, stream_seq=seq, error=item.failed))
             await msg.term()
             self.tracker.handled(seq, None)
-        else:
-            log.warning("handling message failed, asking for redelivery %s", fields(subject=msg.subject, stream_seq=seq, delivered=delivered, error=item.failed))
-            await msg.nak(delay=self.retry_delay_s * delivered)
+            return True
+        log.warning("handling message failed, asking for redelivery %s", fields(subject=msg.subject, stream_seq=seq, delivered=delivered, error=item.failed))
+        await msg.nak(delay=self.retry_delay_s * delivered)
+        return False
 
     async def _record_progress(self) -> None:
         values: dict[str, str | int | float] = {"stream_seq": self.tracker.contiguous, "last_applied_at": f"{time.time():.3f}"}

@@ -1,7 +1,8 @@
 """The cache's consumer on a real NATS stream fed with envelope messages by the test.
 
 Covers redelivery out of order (an earlier change redelivered after a later one is applied),
-messages that always fail (terminated after bounded deliveries), and poison messages.
+messages that always fail (terminated after bounded deliveries, then a re-warm), and poison
+messages (terminated at once).
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ async def test_failing_and_poison_messages_terminated(stream_stack):
 
         assert attempts["TEST-5"] == config.max_deliver
         assert cached(config.redis_url, "secmaster:market:TEST-5") is None
+        # The terminated change is never applied, so the cache warms again; poison does not.
+        await wait_until_async(lambda: sample(daemon, "ssmd_cache_warms_total") == 2, 30, "a re-warm after the termination")
+        await wait_until_async(lambda: meta(config.redis_url).get("state") == "ready", 30, "the re-warm to finish")
         assert cached(config.redis_url, "secmaster:market:TEST-7") is None
         assert sample(daemon, "ssmd_cache_messages_terminated_total") == 4
         stream_seq = int(meta(config.redis_url)["stream_seq"])
