@@ -93,14 +93,17 @@ async def connect_nats(url: str, *, name: str, auth: NatsAuth = NatsAuth(), conn
     client: Client | None = None
     check_files(auth)
     auth_error: str | None = None
+    tls_error: str | None = None
     last_error: str | None = None
     connected = False
 
     async def on_error(exc: Exception) -> None:
-        nonlocal auth_error, last_error
+        nonlocal auth_error, tls_error, last_error
         last_error = str(exc).strip() or type(exc).__name__
         if "authorization" in last_error.lower() or "authentication" in last_error.lower():
             auth_error = last_error
+        if isinstance(exc, ssl.SSLError):
+            tls_error = last_error
         if connected:
             log.warning("nats connection error: %s", exc)
 
@@ -126,6 +129,11 @@ async def connect_nats(url: str, *, name: str, auth: NatsAuth = NatsAuth(), conn
     except NoServersError as exc:
         if auth_error is not None:
             raise ConfigError(f"NATS at {redact_url(url)} rejected the credentials ({auth_error}): check the user, password, token or credentials file") from exc
+        if tls_error is not None:
+            raise ConfigError(
+                f"TLS handshake with NATS at {redact_url(url)} failed ({tls_error}): check NATS_TLS_CA (the CA of the server's "
+                "certificate) and, when the server verifies clients, NATS_TLS_CERT and NATS_TLS_KEY (a certificate its CA signed)"
+            ) from exc
         raise DependencyError(f"cannot connect to NATS at {redact_url(url)}: {last_error or exc}; check that nats-server runs there") from exc
     except (OSError, TimeoutError) as exc:
         raise DependencyError(f"cannot connect to NATS at {redact_url(url)}: {exc}") from exc

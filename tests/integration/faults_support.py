@@ -441,9 +441,10 @@ class ConfiguredRedis(RedisServer):
 
 
 def make_certificates(directory: Path) -> dict[str, Path]:
-    """Create a throwaway CA and a server certificate for 127.0.0.1 with the openssl CLI."""
+    """Create a throwaway CA, a server certificate for 127.0.0.1 and a client certificate with the openssl CLI."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {name: directory / name for name in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt", "san.cnf")}
+    names = ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt", "client.key", "client.csr", "client.crt", "san.cnf")
+    paths = {name: directory / name for name in names}
     paths["san.cnf"].write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
 
     def openssl(*args: str) -> None:
@@ -455,6 +456,10 @@ def make_certificates(directory: Path) -> dict[str, Path]:
             "-keyout", str(paths["server.key"]), "-out", str(paths["server.csr"]))
     openssl("x509", "-req", "-in", str(paths["server.csr"]), "-CA", str(paths["ca.crt"]), "-CAkey", str(paths["ca.key"]),
             "-CAcreateserial", "-days", "2", "-extfile", str(paths["san.cnf"]), "-out", str(paths["server.crt"]))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=ssmd test client",
+            "-keyout", str(paths["client.key"]), "-out", str(paths["client.csr"]))
+    openssl("x509", "-req", "-in", str(paths["client.csr"]), "-CA", str(paths["ca.crt"]), "-CAkey", str(paths["ca.key"]),
+            "-CAcreateserial", "-days", "2", "-out", str(paths["client.crt"]))
     for path in paths.values():
         path.chmod(0o644)
     return paths

@@ -256,6 +256,40 @@ def test_nats_token_accepted():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_nats_client_certificate_required():
+    # A server that verifies clients: the daemons' NATS connection presents NATS_TLS_CERT/KEY.
+    import asyncio
+
+    from ssmd.bus.connect import NatsAuth, connect_nats
+    from ssmd.core.errors import ConfigError
+
+    root = Path(tempfile.mkdtemp(prefix="ssmd-mtls-", dir="/tmp"))
+    root.chmod(0o755)
+    certificates = {name: str(path) for name, path in make_certificates(root / "tls").items()}
+    config = (
+        f'tls {{\n  cert_file: "{certificates["server.crt"]}"\n  key_file: "{certificates["server.key"]}"\n'
+        f'  ca_file: "{certificates["ca.crt"]}"\n  verify: true\n}}\n'
+    )
+    server = ConfiguredNats.start_with(root, config, scheme="tls")
+    with_certificate = NatsAuth(tls_ca_file=certificates["ca.crt"], tls_cert_file=certificates["client.crt"], tls_key_file=certificates["client.key"])
+
+    async def connect_and_flush(auth: NatsAuth) -> None:
+        client = await connect_nats(server.url, name="ssmd-test", auth=auth)
+        try:
+            await client.flush(timeout=5)
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(connect_and_flush(with_certificate))
+        with pytest.raises(ConfigError, match="TLS handshake with NATS at tls://127.0.0.1") as rejected:
+            asyncio.run(connect_and_flush(NatsAuth(tls_ca_file=certificates["ca.crt"])))
+        assert "NATS_TLS_CERT" in str(rejected.value)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_missing_creds_file_one_line(secured):
     cdc_env = secured[0]
     missing = "/tmp/ssmd-no-such-dir/ssmd.creds"
