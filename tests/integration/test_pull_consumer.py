@@ -34,6 +34,13 @@ def numbers(msgs) -> list[int]:
     return [int(msg.data) for msg in msgs]
 
 
+async def waiting_fetch(consumer: PullConsumer) -> asyncio.Task:
+    """Start a fetch on an empty stream and give it time to hold its request on the server."""
+    fetch = asyncio.create_task(consumer.fetch(10, timeout=5.0))
+    await asyncio.sleep(0.3)
+    return fetch
+
+
 async def test_fetch_returns_stream_order_in_batches(stream):
     js, settings = stream
     await publish(js, 7)
@@ -64,8 +71,7 @@ async def test_message_published_during_wait_returns_early(stream):
     js, settings = stream
     consumer = PullConsumer(js, settings)
     try:
-        fetch = asyncio.create_task(consumer.fetch(10, timeout=5.0))
-        await asyncio.sleep(0.3)
+        fetch = await waiting_fetch(consumer)
         published_at = time.monotonic()
         await publish(js, 1)
         msgs = await fetch
@@ -106,8 +112,7 @@ async def test_deleted_consumer_fails_the_waiting_fetch(stream):
     js, settings = stream
     consumer = PullConsumer(js, settings)
     try:
-        fetch = asyncio.create_task(consumer.fetch(10, timeout=5.0))
-        await asyncio.sleep(0.3)
+        fetch = await waiting_fetch(consumer)
         await js.delete_consumer(settings.stream, settings.durable)
         with pytest.raises(DependencyError, match="fetch from consumer pull-test on stream .* failed: status 409"):
             await fetch
