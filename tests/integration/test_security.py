@@ -66,6 +66,16 @@ authorization {{
 }}
 """
 
+# A NATS server that verifies clients: each must present a certificate the CA signed.
+CLIENT_CERT_NATS_CONFIG = """
+tls {{
+  cert_file: "{cert}"
+  key_file: "{key}"
+  ca_file: "{ca}"
+  verify: true
+}}
+"""
+
 
 @pytest.fixture(scope="module")
 def secured():
@@ -266,10 +276,7 @@ def test_nats_client_certificate_required():
     root = Path(tempfile.mkdtemp(prefix="ssmd-mtls-", dir="/tmp"))
     root.chmod(0o755)
     certificates = {name: str(path) for name, path in make_certificates(root / "tls").items()}
-    config = (
-        f'tls {{\n  cert_file: "{certificates["server.crt"]}"\n  key_file: "{certificates["server.key"]}"\n'
-        f'  ca_file: "{certificates["ca.crt"]}"\n  verify: true\n}}\n'
-    )
+    config = CLIENT_CERT_NATS_CONFIG.format(cert=certificates["server.crt"], key=certificates["server.key"], ca=certificates["ca.crt"])
     server = ConfiguredNats.start_with(root, config, scheme="tls")
     with_certificate = NatsAuth(tls_ca_file=certificates["ca.crt"], tls_cert_file=certificates["client.crt"], tls_key_file=certificates["client.key"])
 
