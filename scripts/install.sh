@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python3)}"
+PYTHON="${PYTHON:-$(command -v python || echo python3)}"
 PACKAGES=(postgresql-15 postgresql-15-wal2json redis-server redis-tools nats-server)
 
 missing=()

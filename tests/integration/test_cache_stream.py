@@ -133,9 +133,11 @@ async def test_failing_and_poison_messages_terminated(stream_stack):
 
         assert attempts["TEST-5"] == config.max_deliver
         assert cached(config.redis_url, "secmaster:market:TEST-5") is None
-        # The terminated change is never applied, so the cache warms again; poison does not.
+        # The terminated change is never applied, so the cache warms again. The three poison
+        # messages add no warm.
         await wait_until_async(lambda: sample(daemon, "ssmd_cache_warms_total") == 2, 30, "a re-warm after the termination")
         await wait_until_async(lambda: meta(config.redis_url).get("state") == "ready", 30, "the re-warm to finish")
+        assert sample(daemon, "ssmd_cache_warms_total") == 2
         assert cached(config.redis_url, "secmaster:market:TEST-7") is None
         assert sample(daemon, "ssmd_cache_messages_terminated_total") == 4
         stream_seq = int(meta(config.redis_url)["stream_seq"])

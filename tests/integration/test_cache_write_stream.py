@@ -142,7 +142,7 @@ def test_async_runner_batch_timeout(redis_db):
             runner = ScriptRunner(client)
             await runner.load()
             calls = [ScriptCall(Script.APPLY_WRITE, (f"secmaster:market:{index}", f"{{secmaster:market:{index}}}:v"), (NEW, b"{}", "")) for index in range(50)]
-            # Every command waits out the pause, CLIENT UNPAUSE included, so it stays short.
+            # Redis holds every command during the pause, CLIENT UNPAUSE too, so the pause is short.
             await pauser.execute_command("CLIENT", "PAUSE", "2500", "ALL")
             started = asyncio.get_running_loop().time()
             with pytest.raises(DependencyError, match="50 script calls failed"):
